@@ -56,7 +56,7 @@ class Gauge:
 class Histogram:
     """Cumulative histogram over fixed bucket bounds (values in the stat's unit, ms for latencies)."""
 
-    __slots__ = ("bounds", "counts", "count", "name", "sum")
+    __slots__ = ("bounds", "count", "counts", "name", "sum")
 
     def __init__(self, name: str, bounds: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
         self.name = name

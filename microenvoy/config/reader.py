@@ -6,7 +6,7 @@ fields nobody read as unknown. Parsers return a best-effort value even after an 
 reports all problems; the caller raises ``ConfigError`` if ``errors`` is non-empty.
 
     r = Reader(raw, "static_resources.clusters[0]", errors)
-    name = r.str("name", required=True)
+    name = r.string("name", required=True)
     timeout = r.duration("connect_timeout", default=5.0)
     r.finish()
 """
@@ -100,7 +100,7 @@ class Reader:
         return self.raw[key]
 
     # -- scalars -------------------------------------------------------------------------------
-    def str(self, key: str, default: Any = "", *, required: bool = False) -> Any:
+    def string(self, key: str, default: Any = "", *, required: bool = False) -> Any:
         v = self._take(key, required)
         if v is _MISSING:
             return default
@@ -109,7 +109,7 @@ class Reader:
             return default
         return v
 
-    def bool(self, key: str, default: bool = False) -> bool:
+    def boolean(self, key: str, default: bool = False) -> bool:
         v = self._take(key, False)
         if v is _MISSING:
             return default
@@ -118,7 +118,7 @@ class Reader:
             return default
         return v
 
-    def int(
+    def integer(
         self,
         key: str,
         default: Any = 0,
@@ -145,7 +145,7 @@ class Reader:
             return default
         return v
 
-    def float(self, key: str, default: Any = 0.0, *, min: float | None = None) -> Any:
+    def number(self, key: str, default: Any = 0.0, *, min: float | None = None) -> Any:
         v = self._take(key, False)
         if v is _MISSING:
             return default
@@ -198,7 +198,7 @@ class Reader:
         r.finish()
         return value
 
-    def list(self, key: str, parse: Callable[[Reader], T], *, required: bool = False,
+    def objects(self, key: str, parse: Callable[[Reader], T], *, required: bool = False,
              non_empty: bool = False) -> tuple[T, ...]:  # fmt: skip
         """A list of mappings, each parsed with ``parse(reader)`` at ``key[i]``."""
         v = self._take(key, required)
@@ -216,7 +216,7 @@ class Reader:
             r.finish()
         return tuple(out)
 
-    def str_list(self, key: str, *, required: bool = False) -> tuple[str, ...]:
+    def strings(self, key: str, *, required: bool = False) -> tuple[str, ...]:
         v = self._take(key, required)
         if v is _MISSING:
             return ()

@@ -13,9 +13,9 @@ from microenvoy.core.headers import Headers
 __all__ = [
     "ConnectionTerminated",
     "DataAcknowledged",
+    "DataReceived",
     "Event",
     "HeadersReceived",
-    "DataReceived",
     "ProtocolFailure",
     "StreamReset",
     "TrailersReceived",
