@@ -1,16 +1,39 @@
-"""Stats: counters, gauges and histograms with Envoy's names, rendered as text or Prometheus.
+"""Stats: counters, gauges and histograms with Envoy's names, rendered as text, JSON or Prometheus.
 
 Hot paths look a metric up once (``scope.counter("downstream_rq_total")``) and keep the object; bumping it is
 an attribute add. Names are flat dotted strings as in Envoy (``cluster.<name>.upstream_rq_total``).
+
+Renderings (used by the admin server, ``microenvoy/io/admin_server.py``):
+
+* ``Store.iter_text()``: Envoy's ``/stats`` text, ``name: value`` lines; counters and gauges sorted together,
+  then histograms as ``P0(nan,v) P25(nan,v) ... P100(nan,v)`` (Envoy prints ``(interval,cumulative)`` pairs;
+  we keep no interval histograms, so the interval is ``nan``) or ``No recorded values``.
+* ``Store.json()``: Envoy's ``/stats?format=json`` document.
+* ``Store.prometheus()``: text exposition format 0.0.4; a name is ``microenvoy_`` + the stat name with every
+  character outside ``[a-zA-Z0-9_]`` replaced by ``_``.
+
+All three take a name filter (a regular expression searched in the Envoy name, as Envoy's ``?filter=``) and
+``used_only`` (Envoy's ``?usedonly``: counters and gauges that are non-zero, histograms with samples).
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["Counter", "Gauge", "Histogram", "Scope", "Store"]
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "SUPPORTED_QUANTILES",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "Scope",
+    "Store",
+    "prometheus_name",
+]
 
 # Envoy's default histogram buckets (milliseconds).
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -18,8 +41,15 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     1800000, 3600000,
 )  # fmt: skip
 
+# The quantiles Envoy's admin reports for every histogram (as fractions).
+SUPPORTED_QUANTILES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
+
+NameFilter = str | re.Pattern[str] | None
+
 
 class Counter:
+    """A monotonically increasing count."""
+
     __slots__ = ("name", "value")
 
     def __init__(self, name: str) -> None:
@@ -34,6 +64,8 @@ class Counter:
 
 
 class Gauge:
+    """A value that goes up and down (active connections, queue depth)."""
+
     __slots__ = ("name", "value")
 
     def __init__(self, name: str) -> None:
@@ -54,9 +86,13 @@ class Gauge:
 
 
 class Histogram:
-    """Cumulative histogram over fixed bucket bounds (values in the stat's unit, ms for latencies)."""
+    """Cumulative histogram over fixed bucket bounds (values in the stat's unit, ms for latencies).
 
-    __slots__ = ("bounds", "count", "counts", "name", "sum")
+    Bucket ``i`` counts values ``v`` with ``bounds[i-1] < v <= bounds[i]``; the last bucket counts values
+    above every bound. The exact minimum and maximum are kept so quantiles never leave the observed range.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "max", "min", "name", "sum")
 
     def __init__(self, name: str, bounds: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
         self.name = name
@@ -64,23 +100,41 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
 
     def record(self, value: float) -> None:
+        if value != value:  # NaN carries no information and would poison sum/min/max
+            return
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.sum += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
 
     def quantile(self, q: float) -> float | None:
-        """Upper bound of the bucket holding quantile ``q`` (None when empty)."""
+        """Estimate of quantile ``q`` (0..1; None when empty).
+
+        Linear interpolation inside the bucket that holds the quantile, clamped to the observed min/max (the
+        same estimate as Prometheus' ``histogram_quantile``, but exact at q=0 and q=1).
+        """
         if not self.count:
             return None
+        if not q > 0.0:  # also catches NaN
+            return self.min
+        if q >= 1.0:
+            return self.max
         target = q * self.count
         seen = 0
         for i, c in enumerate(self.counts):
+            if c and seen + c >= target:
+                lo = max(self.bounds[i - 1], self.min) if i > 0 else self.min
+                hi = min(self.bounds[i], self.max) if i < len(self.bounds) else self.max
+                return lo + (hi - lo) * ((target - seen) / c)
             seen += c
-            if seen >= target and c:
-                return self.bounds[i] if i < len(self.bounds) else float("inf")
-        return float("inf")
+        return self.max  # unreachable: the buckets sum to count
 
     def __repr__(self) -> str:
         return f"<Histogram {self.name} count={self.count}>"
@@ -123,36 +177,94 @@ class Store:
             return self.gauges[name].value
         return None
 
-    # -- rendering -----------------------------------------------------------------------------
-    def iter_text(self, name_filter: str | None = None) -> Iterator[str]:
-        """Envoy's ``/stats`` text: ``name: value`` sorted, histograms as quantile summaries."""
-        pattern = re.compile(name_filter) if name_filter else None
-        flat: list[tuple[str, str]] = [(n, str(c.value)) for n, c in self.counters.items()]
-        flat += [(n, str(g.value)) for n, g in self.gauges.items()]
-        for n, h in self.histograms.items():
-            if h.count:
-                parts = [f"P{int(q * 100)}({h.quantile(q)})" for q in (0.5, 0.9, 0.99)]
-                flat.append((n, f"count({h.count}) sum({h.sum:.3f}) " + " ".join(parts)))
-            else:
-                flat.append((n, "No recorded values"))
-        for name, value in sorted(flat):
-            if pattern is None or pattern.search(name):
-                yield f"{name}: {value}"
+    def __repr__(self) -> str:
+        return (
+            f"<Store counters={len(self.counters)} gauges={len(self.gauges)}"
+            f" histograms={len(self.histograms)}>"
+        )
 
-    def prometheus(self) -> str:
-        """Prometheus text exposition format 0.0.4."""
+    # -- selection -----------------------------------------------------------------------------
+    def _select(
+        self, name_filter: NameFilter, used_only: bool
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[Histogram]]:
+        """Sorted (counters, gauges, histograms) passing the filter. A bad regex raises ``re.error``."""
+        pattern = re.compile(name_filter) if isinstance(name_filter, str) and name_filter else name_filter
+        if not isinstance(pattern, re.Pattern):
+            pattern = None
+
+        def keep(name: str, used: bool) -> bool:
+            return (used or not used_only) and (pattern is None or pattern.search(name) is not None)
+
+        counters = [(n, c.value) for n, c in sorted(self.counters.items()) if keep(n, c.value != 0)]
+        gauges = [(n, g.value) for n, g in sorted(self.gauges.items()) if keep(n, g.value != 0)]
+        hists = [h for n, h in sorted(self.histograms.items()) if keep(n, h.count > 0)]
+        return counters, gauges, hists
+
+    # -- rendering -----------------------------------------------------------------------------
+    def iter_text(self, name_filter: NameFilter = None, *, used_only: bool = False) -> Iterator[str]:
+        """Envoy's ``/stats`` text, ``name: value`` lines without newline; counters+gauges, histograms."""
+        counters, gauges, hists = self._select(name_filter, used_only)
+        for name, value in sorted(counters + gauges):
+            yield f"{name}: {value}"
+        for h in hists:
+            if h.count:
+                parts = []
+                for q in SUPPORTED_QUANTILES:
+                    v = h.quantile(q)
+                    parts.append(f"P{_short(q * 100)}(nan,{_short(v if v is not None else math.nan)})")
+                yield f"{h.name}: " + " ".join(parts)
+            else:
+                yield f"{h.name}: No recorded values"
+
+    def json(self, name_filter: NameFilter = None, *, used_only: bool = False) -> dict[str, Any]:
+        """Envoy's ``/stats?format=json``: ``{"stats": [{"name":.., "value":..}, .., {"histograms":..}]}``."""
+        counters, gauges, hists = self._select(name_filter, used_only)
+        stats: list[dict[str, Any]] = [{"name": n, "value": v} for n, v in sorted(counters + gauges)]
+        if hists:
+            computed = []
+            for h in hists:
+                values = []
+                for q in SUPPORTED_QUANTILES:
+                    v = h.quantile(q)
+                    values.append({"interval": None, "cumulative": _json_number(v)})
+                computed.append({"name": h.name, "values": values})
+            stats.append(
+                {
+                    "histograms": {
+                        "supported_quantiles": [q * 100 for q in SUPPORTED_QUANTILES],
+                        "computed_quantiles": computed,
+                    }
+                }
+            )
+        return {"stats": stats}
+
+    def prometheus(self, name_filter: NameFilter = None, *, used_only: bool = False) -> str:
+        """Prometheus text exposition format 0.0.4.
+
+        Two stat names that map to the same Prometheus name (``a.b`` and ``a_b``), or a counter that collides
+        with a histogram's ``_bucket``/``_sum``/``_count`` series, would make the exposition invalid; the
+        later one (in the order counters, gauges, histograms, each sorted) is left out.
+        """
+        counters, gauges, hists = self._select(name_filter, used_only)
+        taken: set[str] = set()
         out: list[str] = []
-        for n in sorted(self.counters):
-            pn = prometheus_name(n)
-            out.append(f"# TYPE {pn} counter")
-            out.append(f"{pn} {self.counters[n].value}")
-        for n in sorted(self.gauges):
-            pn = prometheus_name(n)
-            out.append(f"# TYPE {pn} gauge")
-            out.append(f"{pn} {self.gauges[n].value}")
-        for n in sorted(self.histograms):
-            h = self.histograms[n]
-            pn = prometheus_name(n)
+
+        def claim(*names: str) -> bool:
+            if any(n in taken for n in names):
+                return False
+            taken.update(names)
+            return True
+
+        for kind, items in (("counter", counters), ("gauge", gauges)):
+            for n, value in items:
+                pn = prometheus_name(n)
+                if claim(pn):
+                    out.append(f"# TYPE {pn} {kind}")
+                    out.append(f"{pn} {value}")
+        for h in hists:
+            pn = prometheus_name(h.name)
+            if not claim(pn, pn + "_bucket", pn + "_sum", pn + "_count"):
+                continue
             out.append(f"# TYPE {pn} histogram")
             cumulative = 0
             for bound, c in zip(h.bounds, h.counts, strict=False):
@@ -161,7 +273,7 @@ class Store:
             out.append(f'{pn}_bucket{{le="+Inf"}} {h.count}')
             out.append(f"{pn}_sum {_fmt(h.sum)}")
             out.append(f"{pn}_count {h.count}")
-        return "\n".join(out) + "\n"
+        return "\n".join(out) + "\n" if out else ""
 
 
 class Scope:
@@ -193,8 +305,26 @@ _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def prometheus_name(name: str) -> str:
+    """``cluster.web-1.upstream_rq_total`` -> ``microenvoy_cluster_web_1_upstream_rq_total``."""
     return "microenvoy_" + _INVALID.sub("_", name)
 
 
 def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
+    """A sample value / ``le`` label in Prometheus' float syntax."""
+    f = float(v)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "+Inf" if f > 0 else "-Inf"
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def _short(v: float) -> str:
+    """Compact human number for the text rendering (``2``, ``99.5``, ``1.23457``, ``nan``)."""
+    if math.isfinite(v) and float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return f"{v:.6g}"
+
+
+def _json_number(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
