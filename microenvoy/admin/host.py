@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 from microenvoy.admin import logging as admin_logging
 from microenvoy.admin.stats import Store
@@ -347,9 +347,14 @@ def _split_target(target: str) -> tuple[str, _Query]:
     path = unquote(path.partition("#")[0], errors="replace")
     if len(path) > 1:
         path = path.rstrip("/") or "/"
-    items = parse_qsl(
-        query.partition("#")[0], keep_blank_values=True, errors="replace", max_num_fields=MAX_QUERY_FIELDS
-    )
+    fields = [f for f in query.partition("#")[0].split("&") if f]
+    if len(fields) > MAX_QUERY_FIELDS:
+        raise ValueError(f"more than {MAX_QUERY_FIELDS} query parameters")
+    # Percent-decoding only, as Envoy does: "+" stays a plus (it is common in ?filter= regexes).
+    items = []
+    for f in fields:
+        key, _, value = f.partition("=")
+        items.append((unquote(key, errors="replace"), unquote(value, errors="replace")))
     return path, _Query(items)
 
 

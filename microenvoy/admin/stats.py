@@ -132,7 +132,7 @@ class Histogram:
             if c and seen + c >= target:
                 lo = max(self.bounds[i - 1], self.min) if i > 0 else self.min
                 hi = min(self.bounds[i], self.max) if i < len(self.bounds) else self.max
-                return lo + (hi - lo) * ((target - seen) / c)
+                return lo if hi <= lo else lo + (hi - lo) * ((target - seen) / c)
             seen += c
         return self.max  # unreachable: the buckets sum to count
 
