@@ -13,6 +13,7 @@ reports all problems; the caller raises ``ConfigError`` if ``errors`` is non-emp
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -25,21 +26,48 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|ms)$")
 
 
 def parse_duration(value: object) -> float:
-    """``"5s"``, ``"0.25s"``, ``"250ms"`` or a bare number of seconds -> seconds. Raises ValueError."""
+    """``"5s"``, ``"0.25s"``, ``"250ms"`` or a bare number of seconds -> seconds. Raises ValueError.
+
+    Also accepts protobuf JSON's ``{seconds, nanos}``. Negative and non-finite values are rejected.
+    """
+    seconds: float | None = None
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration like '5s', got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"duration must not be negative, got {value!r}")
-        return float(value)
-    if isinstance(value, str):
+        seconds = None
+    elif isinstance(value, int | float):
+        seconds = _finite(value)
+    elif isinstance(value, str):
         m = _DURATION.match(value.strip())
         if m:
-            n = float(m.group(1))
-            return n / 1000.0 if m.group(2) == "ms" else n
-    if isinstance(value, Mapping) and set(value) <= {"seconds", "nanos"}:
-        return float(value.get("seconds", 0)) + float(value.get("nanos", 0)) / 1e9
-    raise ValueError(f"expected a duration like '5s' or '0.25s', got {value!r}")
+            n = _finite(m.group(1))
+            seconds = None if n is None else (n / 1000.0 if m.group(2) == "ms" else n)
+    elif isinstance(value, Mapping) and set(value) <= {"seconds", "nanos"}:
+        s, ns = value.get("seconds", 0), value.get("nanos", 0)
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in (s, ns)):
+            whole, frac = _finite(s), _finite(ns)
+            seconds = None if whole is None or frac is None else whole + frac / 1e9
+    if seconds is None:
+        raise ValueError(f"expected a duration like '5s', '0.25s' or '250ms', got {_show(value)}")
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative, got {_show(value)}")
+    return seconds
+
+
+def _show(v: object, limit: int = 60) -> str:
+    """A bounded ``repr`` for error messages (huge values must not flood the error list)."""
+    try:
+        text = repr(v)
+    except ValueError:  # ints beyond sys.get_int_max_str_digits()
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finite(v: object) -> float | None:
+    """``float(v)`` if that is a finite number, else None (never raises for int/float/str input)."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _type_name(v: object) -> str:
@@ -132,7 +160,7 @@ class Reader:
             return default
         if isinstance(v, Mapping) and set(v) == {"value"}:  # protobuf wrapper types (UInt32Value)
             v = v["value"]
-        if isinstance(v, str) and v.isdigit():  # proto3 JSON encodes 64-bit ints as strings
+        if isinstance(v, str) and v.isascii() and v.isdigit():  # proto3 JSON encodes 64-bit ints as strings
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int):
             self.error(f"expected an integer, got {_type_name(v)}", key)
@@ -149,7 +177,7 @@ class Reader:
         v = self._take(key, False)
         if v is _MISSING:
             return default
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if isinstance(v, bool) or not isinstance(v, int | float) or _finite(v) is None:
             self.error(f"expected a number, got {_type_name(v)}", key)
             return default
         if min is not None and v < min:
