@@ -130,14 +130,16 @@ class HttpFilterFactory(Protocol):
 class FactoryContext:
     """What a filter factory gets at build time (once per config snapshot)."""
 
-    __slots__ = ("random", "stat_prefix", "stats")
+    __slots__ = ("health", "random", "stat_prefix", "stats")
 
-    def __init__(self, stats: Scope, stat_prefix: str, random: Any) -> None:
+    def __init__(self, stats: Scope, stat_prefix: str, random: Any, health: Any = None) -> None:
         self.stats = stats
         """Scope of the owning front (``http.<stat_prefix>.``)."""
         self.stat_prefix = stat_prefix
         self.random = random
         """An injected ``random.Random`` (tests seed it)."""
+        self.health = health
+        """The process-wide health state (``/healthcheck/fail``) for the health_check filter."""
 
     def __repr__(self) -> str:
         return f"<FactoryContext {self.stat_prefix!r}>"
