@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from types import TracebackType
 
 import h11
@@ -48,7 +49,7 @@ class AdminServerLimits:
     """Bounds on what one admin client may cost."""
 
     max_request_headers_bytes: int = 16 * 1024
-    """Request line plus headers; more -> 431 and close."""
+    """Request line plus headers; more -> 431 and close (``downstream_rq_too_large``)."""
     max_request_body_bytes: int = 64 * 1024
     """Admin requests carry no meaningful body; more -> 413 and close."""
     max_connections: int = 64
@@ -143,8 +144,9 @@ class AdminHttpConnection:
             self._process(out, after)
         except h11.RemoteProtocolError as e:
             self._stats.cx_protocol_error.inc()
-            log.warning("admin: bad request from client: %s", e)
-            self._send_error(out, e.error_status_hint, f"bad request: {e}\n")
+            reason = str(e)[:200]  # h11 quotes the offending bytes; keep logs and answers short
+            log.warning("admin: bad request from client: %s", reason)
+            self._send_error(out, e.error_status_hint, f"bad request: {reason}\n")
         except h11.LocalProtocolError:
             log.error("admin: HTTP/1.1 state error", exc_info=True)
             self.closed = True
@@ -166,6 +168,18 @@ class AdminHttpConnection:
                 self._method = event.method.decode("ascii", "replace")
                 self._target = event.target.decode("latin-1")
                 self._body_bytes = 0
+                # h11 bounds only an *incomplete* head; a complete one read at once is checked here.
+                size = (
+                    len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+                )
+                if size > self._limits.max_request_headers_bytes:
+                    self._stats.rq_too_large.inc()
+                    self._send_error(out, 431, "request headers too large\n")
+                    return
+                if not event.http_version.startswith(b"1."):  # RFC 9110 15.6.6
+                    self._stats.cx_protocol_error.inc()
+                    self._send_error(out, 505, "HTTP version not supported\n")
+                    return
                 if conn.client_is_waiting_for_100_continue:
                     out.append(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
             elif isinstance(event, h11.Data):
@@ -196,7 +210,11 @@ class AdminHttpConnection:
         if close:
             headers.append((b"connection", b"close"))
         self._stats.response(response.status)
-        out.append(self._h11.send(h11.Response(status_code=response.status, headers=headers)))
+        out.append(
+            self._h11.send(
+                h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
+            )
+        )
         if self._method != "HEAD" and response.body:
             out.append(self._h11.send(h11.Data(data=response.body)))
         out.append(self._h11.send(h11.EndOfMessage()))
@@ -207,6 +225,13 @@ class AdminHttpConnection:
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(h11.LocalProtocolError):
                 self._send(out, AdminResponse(status, message.encode("utf-8", "replace")), close=True)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 class AdminServer:
@@ -275,7 +300,10 @@ class AdminServer:
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is None or len(self._tasks) >= self._limits.max_connections:
+        if self._server is None or task is None:  # accepted while closing
+            writer.close()
+            return
+        if len(self._tasks) >= self._limits.max_connections:
             self._stats.cx_overflow.inc()
             writer.close()
             return
