@@ -246,7 +246,7 @@ def not_supported(r: Reader, *keys: str) -> None:
 
 
 def _non_empty(r: Reader, key: str, value: str) -> str:
-    if r.has(key) and r.raw.get(key) is not None and value == "":
+    if r.raw.get(key) == "":
         r.error("must not be empty", key)
     return value
 
@@ -303,7 +303,7 @@ def parse_string_matcher(r: Reader) -> StringMatcher:
 def parse_header_name(r: Reader, key: str, value: str, *, allow_pseudo: bool) -> str:
     """Validate a header name read from ``key`` and return it lower-cased."""
     name = value.lower()
-    if r.has(key) and r.raw.get(key) is not None:
+    if isinstance(r.raw.get(key), str):
         if not name:
             r.error("must not be empty", key)
         elif not _HEADER_TOKEN.match(name):
@@ -394,7 +394,7 @@ def parse_socket_address(
             r.error(f"expected an IP address, got {address!r}", "address")
         elif not ip_only and not (_is_ip(address) or _HOSTNAME.match(address)):
             r.error(f"expected an IP address or a DNS name, got {address!r}", "address")
-    elif r.has("address") and r.raw.get("address") is not None:
+    elif r.raw.get("address") == "":
         r.error("must not be empty", "address")
     return SocketAddress(address, port, protocol)
 
@@ -525,12 +525,15 @@ def _parse_common_tls(r: Reader) -> CommonTlsContext:
     lo, hi = "TLSv1_2", "TLSv1_3"
     p = r.mapping("tls_params")
     if p is not None:
+        versions = []
         for key in ("tls_minimum_protocol_version", "tls_maximum_protocol_version"):
             if p.raw.get(key) in ("TLSv1_0", "TLSv1_1"):
                 p.ignore(key)
                 p.error(f"{p.raw[key]} is not supported (TLS 1.2 is the minimum)", key)
-        lo = p.enum("tls_minimum_protocol_version", _TLS_VERSIONS, "TLS_AUTO")
-        hi = p.enum("tls_maximum_protocol_version", _TLS_VERSIONS, "TLS_AUTO")
+                versions.append("TLS_AUTO")
+            else:
+                versions.append(p.enum(key, _TLS_VERSIONS, "TLS_AUTO"))
+        lo, hi = versions
         lo = "TLSv1_2" if lo == "TLS_AUTO" else lo
         hi = "TLSv1_3" if hi == "TLS_AUTO" else hi
         if lo > hi:  # "TLSv1_2" < "TLSv1_3"
@@ -781,17 +784,21 @@ def _parse_network_filter(r: Reader) -> NetworkFilterConfig:
 # ============================================================================================ clusters
 def _parse_cluster(r: Reader) -> Cluster:
     name = _non_empty(r, "name", r.string("name", required=True))
+    ctype = "STATIC"
     if r.raw.get("type") in ("LOGICAL_DNS", "EDS", "ORIGINAL_DST"):
         r.ignore("type")
         r.error(f"{r.raw['type']} is not supported yet (use STATIC or STRICT_DNS)", "type")
-    ctype = r.enum("type", _CLUSTER_TYPES, "STATIC")
+    else:
+        ctype = r.enum("type", _CLUSTER_TYPES, "STATIC")
     connect_timeout = r.duration("connect_timeout", 5.0)
     if connect_timeout <= 0:
         r.error("must be greater than 0", "connect_timeout")
+    lb_policy = "ROUND_ROBIN"
     if r.raw.get("lb_policy") in ("RING_HASH", "MAGLEV", "CLUSTER_PROVIDED", "LOAD_BALANCING_POLICY_CONFIG"):
         r.ignore("lb_policy")
         r.error(f"{r.raw['lb_policy']} is not supported yet", "lb_policy")
-    lb_policy = r.enum("lb_policy", _LB_POLICIES, "ROUND_ROBIN")
+    else:
+        lb_policy = r.enum("lb_policy", _LB_POLICIES, "ROUND_ROBIN")
     endpoints: tuple[Endpoint, ...] = ()
     la = r.mapping("load_assignment")
     if la is not None:

@@ -80,16 +80,19 @@ def _type_name(v: object) -> str:
 class Reader:
     """Reads one mapping at ``path``; errors go to the shared ``errors`` list."""
 
-    __slots__ = ("_seen", "errors", "path", "raw")
+    __slots__ = ("_invalid", "_seen", "errors", "path", "raw")
 
     def __init__(self, raw: object, path: str, errors: list[str]) -> None:
         self.path = path
         self.errors = errors
         self._seen: set[str] = set()
+        self._invalid = False
+        """Not a mapping (already reported): its missing required fields are not reported again."""
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
             self.error(f"expected a mapping, got {_type_name(raw)}")
+            self._invalid = True
             raw = {}
         self.raw: Mapping[str, Any] = raw
 
@@ -122,7 +125,7 @@ class Reader:
     def _take(self, key: str, required: bool) -> Any:
         self._seen.add(key)
         if key not in self.raw or self.raw[key] is None:
-            if required:
+            if required and not self._invalid:
                 self.error("required field is missing", key)
             return _MISSING
         return self.raw[key]
@@ -266,7 +269,7 @@ class Reader:
             self.error(f"only one of {', '.join(keys)} may be set, got {', '.join(present)}")
             return present[0]
         if not present:
-            if required:
+            if required and not self._invalid:
                 self.error(f"one of {', '.join(keys)} is required")
             return None
         return present[0]

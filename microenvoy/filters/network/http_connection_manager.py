@@ -95,7 +95,7 @@ def parse_config(r: Reader) -> HttpConnectionManager:
     d = HttpConnectionManager(stat_prefix="", route_config=RouteConfiguration())
     codec = r.enum("codec_type", CODEC_TYPES, d.codec_type)
     stat_prefix: str = r.string("stat_prefix", required=True)
-    if r.has("stat_prefix") and r.raw.get("stat_prefix") is not None and not stat_prefix:
+    if r.raw.get("stat_prefix") == "":
         r.error("must not be empty", "stat_prefix")
     route_config = RouteConfiguration()
     if r.has("rds"):
@@ -199,10 +199,10 @@ def _parse_http_filters(r: Reader) -> tuple[HttpFilterConfig, ...]:
             r.errors.append(f"{where}: {ROUTER} is terminal and must be the last HTTP filter")
         if f.name == ROUTER and f.disabled:
             r.errors.append(f"{where}.disabled: the router cannot be disabled")
-    if parsed and parsed[-1] is not None and parsed[-1].name != ROUTER:
+    tail = parsed[-1] if parsed else None
+    if tail is not None and tail.name != ROUTER and tail.name in extensions.HTTP_FILTERS:
         r.errors.append(
-            f"{r.sub(f'http_filters[{last}]')}: the last HTTP filter must be {ROUTER}, "
-            f"got {parsed[-1].name!r}"
+            f"{r.sub(f'http_filters[{last}]')}: the last HTTP filter must be {ROUTER}, got {tail.name!r}"
         )
     return tuple(f for f in parsed if f is not None)
 
@@ -210,7 +210,7 @@ def _parse_http_filters(r: Reader) -> tuple[HttpFilterConfig, ...]:
 def _parse_http_filter(r: Reader) -> HttpFilterConfig | None:
     """One ``http_filters[]`` entry; None if ``is_optional`` and the extension is not available."""
     name: str = r.string("name", required=True)
-    if r.has("name") and r.raw.get("name") is not None and not name:
+    if r.raw.get("name") == "":
         r.error("must not be empty", "name")
     tc, type_url = typed_config_reader(r)
     optional = r.boolean("is_optional")
@@ -517,7 +517,7 @@ def _parse_route_action(r: Reader) -> RouteAction:
 
 def _parse_weighted_cluster(r: Reader) -> WeightedCluster:
     name: str = r.string("name", required=True)
-    if r.has("name") and r.raw.get("name") is not None and not name:
+    if r.raw.get("name") == "":
         r.error("must not be empty", "name")
     not_supported(
         r,
