@@ -191,7 +191,10 @@ class Http2ClientCodec:
 
         Returns the number of bytes taken. ``data == b""`` with ``end_stream`` just ends the stream.
         """
-        window = self.send_window(stream_id)
+        try:
+            window = max(0, self._conn.local_flow_control_window(stream_id))
+        except h2.exceptions.ProtocolError as e:  # StreamClosedError / NoSuchStreamError
+            raise CodecError(f"stream {stream_id} is closed", "upstream_rq_stream_closed") from e
         take = min(len(data), window)
         max_frame = self._conn.max_outbound_frame_size
         sent = 0

@@ -225,7 +225,8 @@ class UpstreamStream:
 
     @property
     def response_complete(self) -> bool:
-        return self._response_ended
+        """The response ended with its headers: no body or trailers will follow."""
+        return self._response_ended and not self._body and self._trailers is None
 
     # -- for the connections ---------------------------------------------------------------------
     async def _wait(self) -> None:
@@ -413,6 +414,9 @@ class _H2Stream(UpstreamStream):
                 raise self._error
             if self._reset_sent:
                 return
+            if self.stream_id not in conn.streams and self._response_ended:
+                self._request_ended = True  # answered and reset/closed by the peer: drop the rest
+                return
             try:
                 n = conn.codec.send_data(self.stream_id, view, end_stream)
             except CodecError:
@@ -580,7 +584,7 @@ class _H1Connection(_ConnectionBase):
 
     def __init__(self, pool: _HostPool) -> None:
         super().__init__(pool)
-        self.codec = Http1ClientCodec(default_authority=pool.default_authority.encode("idna", "replace"))
+        self.codec = Http1ClientCodec(default_authority=pool.default_authority.encode("ascii", "replace"))
         self.stream: _H1Stream | None = None
         self._reading_paused = False
         self._high = max(16384, pool.cluster.config.per_connection_buffer_limit_bytes)
@@ -875,7 +879,7 @@ class _HostPool:
         self.busy: set[_H1Connection] = set()
         self.h2: list[_H2Connection] = []
         self.draining = False
-        self.default_authority = host.hostname or host.address[0]
+        self.default_authority = host.hostname or host.address_text
 
     @property
     def connection_count(self) -> int:
