@@ -108,9 +108,7 @@ class Http1ServerCodec:
             elif isinstance(ev, h11.EndOfMessage):
                 self._request_open = False
                 if ev.headers:
-                    events.append(
-                        TrailersReceived(self._stream_id, Headers((k, v) for k, v in ev.headers))
-                    )
+                    events.append(TrailersReceived(self._stream_id, Headers((k, v) for k, v in ev.headers)))
                 else:
                     events.append(DataReceived(self._stream_id, b"", True, 0))
             elif isinstance(ev, h11.ConnectionClosed):

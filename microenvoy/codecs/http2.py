@@ -139,9 +139,7 @@ class Http2ServerCodec:
                     events.append(WindowOpened(None))
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.closed = True
-                events.append(
-                    ConnectionTerminated(int(ev.error_code or 0), "goaway", ev.last_stream_id)
-                )
+                events.append(ConnectionTerminated(int(ev.error_code or 0), "goaway", ev.last_stream_id))
         return events
 
     def _on_request(self, ev: h2.events.RequestReceived) -> Event | None:
@@ -151,9 +149,7 @@ class Http2ServerCodec:
         raw = ev.headers or []
         headers = Headers(raw)
         if len(raw) > self._max_headers_count or headers.byte_size() > self._max_header_bytes:
-            self._conn.send_headers(
-                sid, [(b":status", b"431"), (b"content-length", b"0")], end_stream=True
-            )
+            self._conn.send_headers(sid, [(b":status", b"431"), (b"content-length", b"0")], end_stream=True)
             return ProtocolFailure("downstream_rq_431", "request headers too large", close=False)
         if b":authority" not in headers:
             host = headers.get(b"host")
@@ -196,7 +192,9 @@ class Http2ServerCodec:
     def send_trailers(self, stream_id: int, trailers: Headers) -> None:
         self.send_headers(stream_id, trailers, end_stream=True)
 
-    def reset_stream(self, stream_id: int, error_code: int = int(h2.errors.ErrorCodes.INTERNAL_ERROR)) -> None:
+    def reset_stream(
+        self, stream_id: int, error_code: int = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
+    ) -> None:
         try:
             self._conn.reset_stream(stream_id, error_code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):

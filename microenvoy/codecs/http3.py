@@ -150,7 +150,7 @@ class Http3ServerCodec:
         items = [(k, v) for k, v in headers if k not in _CONNECTION_SPECIFIC]
         try:
             self._h3.send_headers(stream_id, items, end_stream=end_stream)
-        except Exception:  # noqa: BLE001 - stream already reset/closed by the peer: nothing to send to
+        except Exception:
             return
         if end_stream:
             self._forget(stream_id)
@@ -161,7 +161,7 @@ class Http3ServerCodec:
             return len(data)
         try:
             self._h3.send_data(stream_id, data, end_stream=end_stream)
-        except Exception:  # noqa: BLE001 - stream gone
+        except Exception:
             return len(data)
         if end_stream:
             self._forget(stream_id)

@@ -23,7 +23,7 @@ from aioquic.quic.connection import QuicConnection, QuicReceiveContext
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.stream import QuicStream
 
-__all__ = ["ProxyQuicConnection"]
+__all__ = ["ProxyQuicConnection", "RetryTokens", "SessionTicketStore"]
 
 
 class ProxyQuicConnection(QuicConnection):
@@ -119,3 +119,100 @@ class ProxyQuicConnection(QuicConnection):
             self.early_streams.add(buf.pull_uint_var())
             buf.seek(start)
         super()._handle_stream_frame(context, frame_type, buf)
+
+
+class RetryTokens:
+    """Retry tokens (RFC 9000 section 8.1.2) sealed with a key the operator keeps across restarts.
+
+    aioquic's own handler draws a random key per process, so a restart invalidates every token in flight;
+    here the key is an input (the QUIC listener loads it from ``retry_token_key_file``). A token binds the
+    client's address, the original and the Retry source connection IDs and the issue time, and is valid
+    for ``lifetime`` seconds (clients use it within one round trip).
+    """
+
+    VERSION = 1
+
+    def __init__(self, key: bytes, lifetime: float = 30.0) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if len(key) not in (16, 32):
+            raise ValueError("retry token key must be 16 or 32 bytes")
+        self._aead = AESGCM(key)
+        self.lifetime = lifetime
+
+    def __repr__(self) -> str:
+        return f"<RetryTokens lifetime={self.lifetime}>"
+
+    @staticmethod
+    def _address(addr: tuple[Any, ...]) -> bytes:
+        import ipaddress
+
+        return ipaddress.ip_address(addr[0]).packed + int(addr[1]).to_bytes(2, "big")
+
+    def create(self, addr: tuple[Any, ...], original_dcid: bytes, retry_scid: bytes, now: float) -> bytes:
+        import os
+
+        plain = (
+            bytes([len(original_dcid)]) + original_dcid + bytes([len(retry_scid)]) + retry_scid
+            + int(now * 1000).to_bytes(8, "big")
+        )  # fmt: skip
+        nonce = os.urandom(12)
+        return bytes([self.VERSION]) + nonce + self._aead.encrypt(nonce, plain, self._address(addr))
+
+    def validate(self, addr: tuple[Any, ...], dcid: bytes, token: bytes, now: float) -> bytes:
+        """The original destination connection ID, or ValueError naming what is wrong."""
+        from cryptography.exceptions import InvalidTag
+
+        if len(token) < 1 + 12 + 16 or token[0] != self.VERSION:
+            raise ValueError("malformed retry token")
+        try:
+            plain = self._aead.decrypt(token[1:13], token[13:], self._address(addr))
+        except InvalidTag:
+            raise ValueError("retry token does not verify (wrong key or client address)") from None
+        n = plain[0]
+        odcid = plain[1 : 1 + n]
+        m = plain[1 + n]
+        rscid = plain[2 + n : 2 + n + m]
+        issued = int.from_bytes(plain[2 + n + m : 10 + n + m], "big") / 1000.0
+        if rscid != dcid:
+            raise ValueError("retry token was issued for another connection ID")
+        if not 0 <= now - issued <= self.lifetime:
+            raise ValueError("retry token expired")
+        return odcid
+
+
+class SessionTicketStore:
+    """Server-side TLS 1.3 resumption tickets, bounded (LRU) and single-use.
+
+    Single use (a ticket is removed when a client presents it) is the anti-replay measure of RFC 8446
+    section 8.1 for 0-RTT: a replayed ClientHello finds no ticket and falls back to a full handshake, so its
+    early data is never accepted twice by this server.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self._tickets: OrderedDict[bytes, tls.SessionTicket] = OrderedDict()
+        self.issued = 0
+        self.resumed = 0
+
+    def __repr__(self) -> str:
+        return f"<SessionTicketStore {len(self._tickets)}/{self.capacity}>"
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def add(self, ticket: tls.SessionTicket) -> None:
+        if self.capacity <= 0:
+            return
+        self._tickets[ticket.ticket] = ticket
+        self.issued += 1
+        while len(self._tickets) > self.capacity:
+            self._tickets.popitem(last=False)
+
+    def pop(self, label: bytes) -> tls.SessionTicket | None:
+        ticket = self._tickets.pop(label, None)
+        if ticket is not None:
+            self.resumed += 1
+        return ticket

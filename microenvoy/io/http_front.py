@@ -1,0 +1,821 @@
+"""The HTTP connection manager at run time: one exchange per request, through filters and the router.
+
+``HttpFront`` is built once per (listener filter chain, config snapshot) from a validated
+``HttpConnectionManager``: it holds the compiled route table, the filter factories, the stats scope and the
+access loggers. A downstream connection keeps the front it was accepted with, so a reload never changes
+the filter chain under a live connection (new connections get the new front).
+
+``ActiveStream`` drives one exchange:
+
+1. request headers through the decode filters (Envoy's continue/stop contract, ``microenvoy.core.filter``);
+2. the router: route match (cached on the exchange), direct responses, cluster choice, header mutations,
+   ``x-forwarded-for``/``x-forwarded-proto``/``x-request-id``, then attempts with retries, per-try and route
+   timeouts (Envoy's ``retry_on`` semantics, jittered exponential backoff from 25 ms);
+3. the response through the encode filters (in reverse), back to the downstream codec.
+
+Bodies stream in both directions with bounded buffering: a request chunk is credited back to the
+downstream peer only after the upstream took it, and a response chunk is read from the upstream only after
+the downstream took the previous one. The request body is kept for a retry only while it fits in the
+listener's buffer limit.
+
+The codec-specific side (how bytes and flow-control credit go back to the peer) is a ``DownstreamConnection``
+(``microenvoy.io.tcp_front`` for HTTP/1.1 and HTTP/2, ``microenvoy.io.quic_front`` for HTTP/3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random as _random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from microenvoy.admin.stats import Scope, Store
+from microenvoy.codecs import grpc as grpc_codec
+from microenvoy.config.model import HttpConnectionManager
+from microenvoy.core.exchange import DownstreamInfo, Exchange, ResponseFlag
+from microenvoy.core.filter import FactoryContext, FilterStatus, HttpFilter, HttpFilterFactory
+from microenvoy.core.headers import Headers
+from microenvoy.extensions import http_filter_module
+from microenvoy.router.table import RouteEntry, RouteTable
+
+if TYPE_CHECKING:
+    from microenvoy.io.access_log import AccessLogger
+    from microenvoy.io.upstream import ClusterManager, UpstreamStream
+
+__all__ = ["ActiveStream", "DownstreamConnection", "HttpFront"]
+
+log = logging.getLogger("microenvoy.http")
+
+ROUTER = "envoy.filters.http.router"
+
+# RFC 9110 section 7.6.1 hop-by-hop fields, plus HTTP/2-forbidden ones; never forwarded either way.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"trailer",
+    }
+)
+_METADATA_PREFIX = b"x-microenvoy-"
+
+# Local replies for gRPC requests carry a gRPC status as Envoy does (timeouts are DEADLINE_EXCEEDED,
+# overload/rate limiting RESOURCE_EXHAUSTED); other codes use the gRPC HTTP-to-status mapping.
+_GRPC_LOCAL = {504: grpc_codec.DEADLINE_EXCEEDED, 429: grpc_codec.RESOURCE_EXHAUSTED}
+
+
+class DownstreamConnection(Protocol):
+    """What an ``ActiveStream`` needs from the connection it arrived on."""
+
+    downstream: DownstreamInfo
+
+    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None: ...
+
+    async def send_body(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        """Send, waiting for flow control / transport drain so memory stays bounded."""
+        ...
+
+    def send_trailers(self, stream_id: int, trailers: Headers) -> None: ...
+
+    def reset_stream(self, stream_id: int) -> None: ...
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """Credit ``n`` request bytes back to the peer (they left the agent)."""
+        ...
+
+    def stream_closed(self, stream: ActiveStream) -> None: ...
+
+
+class _HttpStats:
+    """The ``http.<prefix>.`` counters, looked up once per front."""
+
+    def __init__(self, scope: Scope) -> None:
+        c = scope.counter
+        self.scope = scope
+        self.rq_total = c("downstream_rq_total")
+        self.rq_active = scope.gauge("downstream_rq_active")
+        self.rq_xx = [c(f"downstream_rq_{i}xx") for i in range(1, 6)]
+        self.rq_time = scope.histogram("downstream_rq_time")
+        self.rq_http1 = c("downstream_rq_http1_total")
+        self.rq_http2 = c("downstream_rq_http2_total")
+        self.rq_http3 = c("downstream_rq_http3_total")
+        self.rq_timeout = c("downstream_rq_timeout")
+        self.rq_idle_timeout = c("downstream_rq_idle_timeout")
+        self.rq_too_large = c("downstream_rq_too_large")
+        self.rq_rx_reset = c("downstream_rq_rx_reset")
+        self.rq_tx_reset = c("downstream_rq_tx_reset")
+        self.rq_completed = c("downstream_rq_completed")
+        self.no_route = c("no_route")
+        self.no_cluster = c("no_cluster")
+        self.direct_response = c("rq_direct_response")
+        self.rq_early_data = c("downstream_rq_early_data")
+        self.cx_total = c("downstream_cx_total")
+        self.cx_active = scope.gauge("downstream_cx_active")
+        self.cx_destroy = c("downstream_cx_destroy")
+        self.cx_http1 = c("downstream_cx_http1_total")
+        self.cx_http2 = c("downstream_cx_http2_total")
+        self.cx_http3 = c("downstream_cx_http3_total")
+        self.cx_protocol_error = c("downstream_cx_protocol_error")
+        self.cx_idle_timeout = c("downstream_cx_idle_timeout")
+        self.cx_drain_close = c("downstream_cx_drain_close")
+        self.cx_rx_bytes = c("downstream_cx_rx_bytes_total")
+        self.cx_tx_bytes = c("downstream_cx_tx_bytes_total")
+
+    def by_protocol(self, protocol: str) -> None:
+        if protocol == "HTTP/2":
+            self.rq_http2.inc()
+        elif protocol == "HTTP/3":
+            self.rq_http3.inc()
+        else:
+            self.rq_http1.inc()
+
+
+class HttpFront:
+    """Runtime of one HTTP connection manager config (immutable once built)."""
+
+    def __init__(
+        self,
+        config: HttpConnectionManager,
+        *,
+        clusters: ClusterManager,
+        stats: Store,
+        rng: _random.Random | None = None,
+        health: Any = None,
+        alt_svc: Callable[[], bytes | None] | None = None,
+        access_loggers: tuple[AccessLogger, ...] = (),
+        buffer_limit: int = 1048576,
+    ) -> None:
+        self.config = config
+        self.clusters = clusters
+        self.random = rng or _random.Random()
+        self.scope = stats.scope(f"http.{config.stat_prefix}.")
+        self.stats = _HttpStats(self.scope)
+        self.routes = RouteTable(config.route_config)
+        self.alt_svc = alt_svc
+        self.access_loggers = access_loggers
+        self.buffer_limit = buffer_limit
+        self.server_name = config.server_name.encode("latin-1", "replace")
+        ctx = FactoryContext(self.scope, config.stat_prefix, self.random, health)
+        factories: list[HttpFilterFactory] = []
+        for f in config.http_filters:
+            if f.disabled or f.name == ROUTER:
+                continue
+            _, module = http_filter_module(f.name)
+            factories.append(module.make_factory(f.config, ctx))
+        self.factories = tuple(factories)
+        self.max_request_bytes = config.max_request_bytes
+
+    def __repr__(self) -> str:
+        return f"<HttpFront {self.config.stat_prefix!r} filters={len(self.factories)}>"
+
+    def config_dump(self) -> dict[str, Any]:
+        return {"stat_prefix": self.config.stat_prefix, "filters": [f.name for f in self.factories]}
+
+
+class _LocalReply(Exception):
+    """Raised inside the engine to turn the rest of the exchange into a local reply."""
+
+    def __init__(self, status: int, body: str, details: str, flag: str | None = None,
+                 grpc_status: int | None = None) -> None:  # fmt: skip
+        super().__init__(details)
+        self.status = status
+        self.body = body
+        self.details = details
+        self.flag = flag
+        self.grpc_status = grpc_status
+
+
+class _RequestBody:
+    """Request body chunks waiting for the upstream, bounded by the downstream's flow control."""
+
+    __slots__ = ("buffered", "chunks", "ended", "trailers", "waiter")
+
+    def __init__(self) -> None:
+        self.chunks: deque[tuple[bytes, int]] = deque()
+        self.buffered = 0
+        self.ended = False
+        self.trailers: Headers | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, data: bytes, fc_len: int, end: bool) -> None:
+        if data or fc_len:
+            self.chunks.append((data, fc_len))
+            self.buffered += len(data)
+        if end:
+            self.ended = True
+        self._wake()
+
+    def finish(self, trailers: Headers | None) -> None:
+        self.trailers = trailers
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next(self) -> tuple[bytes, int] | None:
+        """The next chunk, or None once the body (and trailers) are complete."""
+        while not self.chunks:
+            if self.ended:
+                return None
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+            self.waiter = None
+        data, n = self.chunks.popleft()
+        self.buffered -= len(data)
+        return data, n
+
+
+class ActiveStream:
+    """One exchange on a downstream connection (see the module docstring)."""
+
+    __slots__ = (
+        "_attempt_body",
+        "_body_bytes",
+        "_decode_index",
+        "_encode_resume",
+        "_filters",
+        "_idle_handle",
+        "_last_activity",
+        "_local",
+        "_replay",
+        "_replayable",
+        "_resume",
+        "_task",
+        "body",
+        "conn",
+        "entry",
+        "exchange",
+        "front",
+        "response_started",
+        "stream_id",
+    )
+
+    def __init__(
+        self,
+        front: HttpFront,
+        conn: DownstreamConnection,
+        stream_id: int,
+        headers: Headers,
+        end_stream: bool,
+        *,
+        early_data: bool = False,
+    ) -> None:
+        self.front = front
+        self.conn = conn
+        self.stream_id = stream_id
+        downstream = conn.downstream
+        if early_data:
+            downstream = DownstreamInfo(
+                downstream.protocol, downstream.remote_address, downstream.local_address,
+                downstream.listener_name, downstream.tls, downstream.sni, downstream.peer_sans, True,
+            )  # fmt: skip
+        self.exchange = Exchange(headers, downstream, time.monotonic(), time.time())
+        self.body = _RequestBody()
+        if end_stream:
+            self.body.ended = True
+        self.entry: RouteEntry | None = None
+        self.response_started = False
+        self._filters: list[HttpFilter] = [f.create(self) for f in front.factories]
+        self._decode_index = 0
+        self._resume: asyncio.Future[None] | None = None
+        self._encode_resume: asyncio.Future[None] | None = None
+        self._local: _LocalReply | None = None
+        self._replay: list[bytes] = []
+        self._replayable = True
+        self._attempt_body = 0
+        self._body_bytes = 0
+        self._last_activity = self.exchange.start_time
+        self._idle_handle: asyncio.TimerHandle | None = None
+        front.stats.rq_total.inc()
+        front.stats.rq_active.inc()
+        front.stats.by_protocol(downstream.protocol)
+        if early_data:
+            front.stats.rq_early_data.inc()
+        self._task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._run())
+        idle = front.config.stream_idle_timeout
+        if idle > 0:
+            self._idle_handle = asyncio.get_running_loop().call_later(idle, self._check_idle)
+
+    def __repr__(self) -> str:
+        return f"<ActiveStream {self.stream_id} {self.exchange!r}>"
+
+    # ---------------------------------------------------------------- events from the connection
+    def on_data(self, data: bytes, end_stream: bool, fc_len: int) -> None:
+        self._last_activity = time.monotonic()
+        self.exchange.request_body_bytes += len(data)
+        limit = self._body_limit()
+        if limit is not None and self.exchange.request_body_bytes > limit:
+            self._fail_local(_LocalReply(413, "payload too large", "request_payload_too_large"))
+            self.front.stats.rq_too_large.inc()
+            self.conn.acknowledge(self.stream_id, fc_len)
+            return
+        self.body.push(data, fc_len, end_stream)
+
+    def on_trailers(self, trailers: Headers) -> None:
+        self._last_activity = time.monotonic()
+        self.body.finish(trailers)
+
+    def on_reset(self, reason: str = "remote_reset") -> None:
+        """The downstream reset the stream or the connection went away."""
+        if self._task.done():
+            return
+        self.front.stats.rq_rx_reset.inc()
+        self.exchange.response_flags.add(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
+        self._task.cancel()
+
+    def _body_limit(self) -> int | None:
+        entry = self.entry
+        if entry is not None and entry.route.route is not None and entry.route.route.max_request_bytes:
+            return entry.route.route.max_request_bytes
+        return self.front.max_request_bytes
+
+    def _fail_local(self, reply: _LocalReply) -> None:
+        """A local reply from outside the engine task (body limit, idle timeout)."""
+        if self._local is None:
+            self._local = reply
+        if not self._task.done():
+            self._task.cancel()
+
+    def _check_idle(self) -> None:
+        idle = self.front.config.stream_idle_timeout
+        now = time.monotonic()
+        if now - self._last_activity >= idle:
+            self.front.stats.rq_idle_timeout.inc()
+            self.exchange.response_flags.add(ResponseFlag.STREAM_IDLE_TIMEOUT)
+            self._fail_local(_LocalReply(408, "stream timeout", "stream_idle_timeout"))
+            self._idle_handle = None
+        else:
+            self._idle_handle = asyncio.get_running_loop().call_later(
+                idle - (now - self._last_activity), self._check_idle
+            )
+
+    # ------------------------------------------------------------ FilterCallbacks for the filters
+    @property
+    def stats(self) -> Scope:
+        return self.front.scope
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def set_timer(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+    def continue_decoding(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+
+    def continue_encoding(self) -> None:
+        if self._encode_resume is not None and not self._encode_resume.done():
+            self._encode_resume.set_result(None)
+
+    def send_local_reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        details: str = "",
+        flag: str | None = None,
+    ) -> None:
+        reply = _LocalReply(status, body.decode("utf-8", "replace"), details or "local_reply", flag)
+        reply.extra_headers = headers  # type: ignore[attr-defined]
+        self._local = reply
+        self.continue_decoding()
+
+    def clear_route_cache(self) -> None:
+        self.entry = None
+        self.exchange.route_resolved = False
+
+    # ------------------------------------------------------------------------------- the engine
+    async def _run(self) -> None:
+        ex = self.exchange
+        try:
+            try:
+                await self._decode_headers()
+                if self._local is not None:
+                    raise self._local
+                await self._route_and_forward()
+            except _LocalReply as reply:
+                await self._send_local(reply)
+            except asyncio.CancelledError:
+                if self._local is not None and not self.response_started:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(self._send_local(self._local))
+                else:
+                    if self.response_started or self._local is not None:
+                        self.front.stats.rq_tx_reset.inc()
+                    self.conn.reset_stream(self.stream_id)
+        except Exception:  # our own bug: never take the connection down with it
+            log.exception("exchange %r failed", ex)
+            if not self.response_started:
+                with contextlib.suppress(Exception):
+                    await self._send_local(_LocalReply(500, "internal error", "internal_error"))
+            else:
+                self.conn.reset_stream(self.stream_id)
+        finally:
+            self._complete()
+
+    async def _decode_headers(self) -> None:
+        headers = self.exchange.request_headers
+        end = self.body.ended and not self.body.chunks
+        filters = self._filters
+        i = 0
+        while i < len(filters):
+            st = filters[i].decode_headers(headers, end)
+            i += 1
+            if self._local is not None:
+                return
+            if st is FilterStatus.STOP:
+                self._resume = asyncio.get_running_loop().create_future()
+                await self._resume
+                self._resume = None
+                if self._local is not None:
+                    return
+        self._decode_index = i
+
+    def _resolve_route(self) -> RouteEntry | None:
+        if not self.exchange.route_resolved:
+            self.entry = self.front.routes.match_entry(self.exchange.request_headers)
+            self.exchange.route = self.entry.route if self.entry is not None else None
+            self.exchange.virtual_host = self.entry.virtual_host if self.entry is not None else None
+            self.exchange.route_resolved = True
+        return self.entry
+
+    async def _route_and_forward(self) -> None:
+        front = self.front
+        ex = self.exchange
+        entry = self._resolve_route()
+        if entry is None:
+            front.stats.no_route.inc()
+            raise _LocalReply(404, "", "route_not_found", ResponseFlag.NO_ROUTE_FOUND)
+        route = entry.route
+        if route.direct_response is not None:
+            front.stats.direct_response.inc()
+            dr = route.direct_response
+            raise _LocalReply(dr.status, dr.body.decode("utf-8", "replace"), "direct_response")
+        action = route.route
+        assert action is not None
+        limit = self._body_limit()
+        if limit is not None:
+            cl = ex.request_headers.get(b"content-length")
+            if cl is not None and cl.isdigit() and int(cl) > limit:
+                front.stats.rq_too_large.inc()
+                raise _LocalReply(413, "payload too large", "request_payload_too_large")
+        name = entry.cluster_name(front.random)
+        cluster = front.clusters.get(name) if name else None
+        if cluster is None:
+            front.stats.no_cluster.inc()
+            raise _LocalReply(503, "no cluster", "cluster_not_found", "NC")
+        ex.upstream_cluster = cluster.name
+        headers = self._upstream_headers(entry)
+
+        # Timeouts: the route timeout covers the whole upstream exchange (0 disables), gRPC clients may
+        # lower it with grpc-timeout when the route allows (max_grpc_timeout).
+        timeout = action.timeout
+        if action.max_grpc_timeout is not None and ex.is_grpc:
+            gt = ex.request_headers.get(b"grpc-timeout")
+            parsed = grpc_codec.parse_grpc_timeout(gt) if gt else None
+            if parsed is not None:
+                cap = action.max_grpc_timeout
+                timeout = parsed if cap == 0 else min(parsed, cap)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout > 0 else None
+        retry = entry.retry_state(front.random)
+        per_try = entry.retry_policy.per_try_timeout if entry.retry_policy is not None else None
+        cstats = cluster.stats
+
+        while True:
+            ex.attempts += 1
+            host = cluster.choose_host()
+            if host is None:
+                raise _LocalReply(503, "no healthy upstream", "no_healthy_upstream",
+                                  ResponseFlag.NO_HEALTHY_UPSTREAM)  # fmt: skip
+            ex.upstream_host = f"{host.address[0]}:{host.address[1]}"
+            try_deadline = deadline
+            if per_try:
+                t = loop.time() + per_try
+                try_deadline = t if deadline is None else min(t, deadline)
+            outcome = await self._attempt(cluster, host, headers, try_deadline, deadline)
+            if isinstance(outcome, tuple):
+                us, resp = outcome
+                status = _status(resp)
+                if retry is not None and self._can_replay() and retry.should_retry_headers(status, resp):
+                    us.reset()
+                    cstats.counter("upstream_rq_retry").inc()
+                    await self._backoff(retry.next_backoff(), deadline)
+                    continue
+                if retry is not None and retry.limit_exceeded:
+                    ex.response_flags.add(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
+                    cstats.counter("upstream_rq_retry_limit_exceeded").inc()
+                await self._respond(us, resp, deadline)
+                return
+            kind = outcome
+            if kind == "per-try-timeout" and (deadline is None or loop.time() < deadline):
+                cstats.counter("upstream_rq_per_try_timeout").inc()
+                if retry is not None and self._can_replay() and retry.should_retry_reset("reset"):
+                    cstats.counter("upstream_rq_retry").inc()
+                    await self._backoff(retry.next_backoff(), deadline)
+                    continue
+                kind = "timeout"
+            if kind in ("timeout", "per-try-timeout"):
+                cstats.counter("upstream_rq_timeout").inc()
+                raise _LocalReply(504, "upstream request timeout", "upstream_response_timeout",
+                                  ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)  # fmt: skip
+            retry_kind = {"connect-timeout": "connect-failure"}.get(kind, kind)
+            if retry is not None and self._can_replay() and retry.should_retry_reset(retry_kind):
+                cstats.counter("upstream_rq_retry").inc()
+                await self._backoff(retry.next_backoff(), deadline)
+                continue
+            if retry is not None and retry.limit_exceeded:
+                ex.response_flags.add(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
+            if kind == "overflow":
+                raise _LocalReply(
+                    503, "upstream overflow", "upstream_overflow", ResponseFlag.UPSTREAM_OVERFLOW
+                )
+            if kind in ("connect-failure", "connect-timeout"):
+                raise _LocalReply(503, "upstream connect error or disconnect/reset before headers",
+                                  "upstream_connect_failure", ResponseFlag.UPSTREAM_CONNECTION_FAILURE)  # fmt: skip
+            raise _LocalReply(503, "upstream connect error or disconnect/reset before headers",
+                              "upstream_reset_before_response_started",
+                              ResponseFlag.UPSTREAM_REMOTE_RESET)  # fmt: skip
+
+    def _can_replay(self) -> bool:
+        return self._replayable
+
+    async def _backoff(self, delay: float, deadline: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        if deadline is not None:
+            delay = min(delay, max(0.0, deadline - loop.time()))
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        cluster: Any,
+        host: Any,
+        headers: Headers,
+        try_deadline: float | None,
+        deadline: float | None,
+    ) -> tuple[UpstreamStream, Headers] | str:
+        """One upstream try: headers, body pump, response headers. Returns (stream, headers) or a failure
+        kind (``connect-failure``, ``reset``, ``per-try-timeout``, ``timeout`` ...)."""
+        from microenvoy.io.upstream import UpstreamError
+
+        end_stream = (
+            self.body.ended and not self.body.chunks and not self._replay and self.body.trailers is None
+        )
+        us: UpstreamStream | None = None
+        pump: asyncio.Task[None] | None = None
+        try:
+            async with asyncio.timeout_at(try_deadline):
+                us = await cluster.open_stream(host, headers.copy(), end_stream=end_stream)
+                if not end_stream:
+                    pump = asyncio.get_running_loop().create_task(self._pump_request(us))
+                resp = await us.read_headers()
+            return us, resp
+        except UpstreamError as exc:
+            if pump is not None:
+                pump.cancel()
+            return str(exc.kind)
+        except TimeoutError:
+            if pump is not None:
+                pump.cancel()
+            if us is not None:
+                us.reset()
+            loop = asyncio.get_running_loop()
+            if deadline is not None and loop.time() >= deadline - 1e-3:
+                return "timeout"
+            return "per-try-timeout"
+        except BaseException:
+            if pump is not None:
+                pump.cancel()
+            if us is not None:
+                us.reset()
+            raise
+
+    async def _pump_request(self, us: UpstreamStream) -> None:
+        """Request body (replayed part first) and trailers to the upstream, crediting the downstream."""
+        from microenvoy.io.upstream import UpstreamError
+
+        conn = self.conn
+        sid = self.stream_id
+        limit = self.front.buffer_limit
+        filters = self._filters
+        try:
+            for chunk in self._replay:
+                await us.send_data(chunk, False)
+            while True:
+                item = await self.body.next()
+                if item is None:
+                    break
+                data, fc_len = item
+                for f in filters:
+                    if f.decode_data(data, False) is FilterStatus.STOP:
+                        self._resume = asyncio.get_running_loop().create_future()
+                        await self._resume
+                    if self._local is not None:
+                        self._task.cancel()
+                        return
+                if self._replayable:
+                    self._body_bytes += len(data)
+                    if self._body_bytes <= limit:
+                        self._replay.append(data)
+                    else:
+                        self._replayable = False
+                        self._replay.clear()
+                await us.send_data(data, False)
+                conn.acknowledge(sid, fc_len)
+                self._last_activity = time.monotonic()
+            if self.body.trailers is not None:
+                await us.send_trailers(self.body.trailers)
+            else:
+                await us.send_data(b"", True)
+        except UpstreamError:
+            return  # read_headers reports the failure
+
+    def _upstream_headers(self, entry: RouteEntry) -> Headers:
+        ex = self.exchange
+        front = self.front
+        src = ex.request_headers
+        out: list[tuple[bytes, bytes]] = []
+        te_trailers = False
+        xff: bytes | None = None
+        for k, v in src:
+            if k in _HOP_BY_HOP or k.startswith(_METADATA_PREFIX):
+                continue
+            if k == b"te":
+                te_trailers = te_trailers or b"trailers" in v.lower()
+                continue
+            if k == b"host":
+                continue  # :authority carries it
+            if k == b"x-forwarded-for":
+                xff = v
+                continue
+            out.append((k, v))
+        h = Headers(out)
+        if te_trailers:
+            h.add(b"te", b"trailers")
+        remote = ex.downstream.remote_address[0].encode("latin-1")
+        if front.config.use_remote_address:
+            h.add(b"x-forwarded-for", xff + b"," + remote if xff else remote)
+        elif xff:
+            h.add(b"x-forwarded-for", xff)
+        h.set(b"x-forwarded-proto", b"https" if ex.downstream.tls else b"http")
+        if front.config.generate_request_id and b"x-request-id" not in h:
+            h.add(b"x-request-id", str(uuid.uuid4()).encode())
+        if ex.downstream.early_data:
+            h.set(b"early-data", b"1")  # RFC 8470 section 5.1
+        entry.finalize_request_headers(h, ex)
+        return h
+
+    # ------------------------------------------------------------------------------ response path
+    async def _respond(self, us: UpstreamStream, resp: Headers, deadline: float | None) -> None:
+        ex = self.exchange
+        status = _status(resp)
+        ex.response_code = status
+        out = Headers([(k, v) for k, v in resp if k not in _HOP_BY_HOP])
+        entry = self.entry
+        if entry is not None:
+            entry.finalize_response_headers(out, ex)
+        self._decorate_response(out)
+        if not await self._encode_headers(out, False):
+            us.reset()
+            return
+        ended = us.response_complete
+        self.conn.send_headers(self.stream_id, out, ended)
+        self.response_started = True
+        if ended:
+            return
+        filters = self._filters
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    item = await us.read_body()
+                    self._last_activity = time.monotonic()
+                    if item is None:
+                        await self.conn.send_body(self.stream_id, b"", True)
+                        return
+                    if isinstance(item, Headers):
+                        for f in reversed(filters):
+                            f.encode_trailers(item)
+                        self.conn.send_trailers(self.stream_id, item)
+                        return
+                    for f in reversed(filters):
+                        f.encode_data(item, False)
+                    ex.response_body_bytes += len(item)
+                    await self.conn.send_body(self.stream_id, item, False)
+        except TimeoutError:
+            ex.response_flags.add(ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)
+            us.reset()
+            self.conn.reset_stream(self.stream_id)
+        except Exception as exc:
+            from microenvoy.io.upstream import UpstreamError
+
+            if not isinstance(exc, UpstreamError):
+                raise
+            ex.response_flags.add(ResponseFlag.UPSTREAM_REMOTE_RESET)
+            self.front.stats.rq_tx_reset.inc()
+            self.conn.reset_stream(self.stream_id)
+        except BaseException:
+            us.reset()
+            raise
+
+    def _decorate_response(self, headers: Headers) -> None:
+        front = self.front
+        headers.set(b"server", front.server_name)
+        if front.alt_svc is not None:
+            value = front.alt_svc()
+            if value is not None and b"alt-svc" not in headers:
+                headers.add(b"alt-svc", value)
+
+    async def _encode_headers(self, headers: Headers, end_stream: bool) -> bool:
+        for f in reversed(self._filters):
+            if f.encode_headers(headers, end_stream) is FilterStatus.STOP:
+                self._encode_resume = asyncio.get_running_loop().create_future()
+                await self._encode_resume
+                self._encode_resume = None
+        return True
+
+    async def _send_local(self, reply: _LocalReply) -> None:
+        if self.response_started:
+            self.conn.reset_stream(self.stream_id)
+            return
+        ex = self.exchange
+        ex.response_code = reply.status
+        ex.response_code_details = reply.details
+        if reply.flag:
+            ex.response_flags.add(reply.flag)
+        extra = getattr(reply, "extra_headers", None) or []
+        if ex.is_grpc:
+            code = reply.grpc_status
+            if code is None:
+                code = _GRPC_LOCAL.get(reply.status) or grpc_codec.http_status_to_grpc(reply.status)
+            headers = grpc_codec.grpc_local_reply_headers(code, reply.body or reply.details)
+            for k, v in extra:
+                headers.add(k, v)
+            self._decorate_response(headers)
+            await self._encode_headers(headers, True)
+            self.response_started = True
+            self.conn.send_headers(self.stream_id, headers, True)
+            return
+        body = reply.body.encode("utf-8") if reply.body else b""
+        headers = Headers([(b":status", str(reply.status).encode())])
+        if body:
+            headers.add(b"content-type", b"text/plain")
+        headers.add(b"content-length", str(len(body)).encode())
+        for k, v in extra:
+            headers.add(k, v)
+        if self.entry is not None and reply.details == "direct_response":
+            self.entry.finalize_response_headers(headers, ex)
+        self._decorate_response(headers)
+        await self._encode_headers(headers, not body)
+        self.response_started = True
+        ex.response_body_bytes = len(body)
+        head = ex.method == b"HEAD"
+        self.conn.send_headers(self.stream_id, headers, not body or head)
+        if body and not head:
+            await self.conn.send_body(self.stream_id, body, True)
+
+    def _complete(self) -> None:
+        front = self.front
+        ex = self.exchange
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        for f in self._filters:
+            try:
+                f.on_destroy()
+            except Exception:
+                log.exception("filter on_destroy failed")
+        front.stats.rq_active.dec()
+        front.stats.rq_completed.inc()
+        code = ex.response_code
+        if 100 <= code < 600:
+            front.stats.rq_xx[code // 100 - 1].inc()
+        front.stats.rq_time.record((time.monotonic() - ex.start_time) * 1000.0)
+        # Whatever request bytes are still queued will never be forwarded: credit them back.
+        for _, n in self.body.chunks:
+            self.conn.acknowledge(self.stream_id, n)
+        self.body.chunks.clear()
+        for logger in front.access_loggers:
+            logger.log(ex)
+        self.conn.stream_closed(self)
+
+
+def _status(headers: Headers) -> int:
+    s = headers.get(b":status")
+    try:
+        return int(s) if s is not None else 502
+    except ValueError:
+        return 502

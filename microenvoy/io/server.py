@@ -1,0 +1,368 @@
+"""The agent process: builds listeners, clusters and the admin server from a bootstrap, reloads, drains.
+
+``Server`` is also the ``AdminHost`` the admin server talks to.
+
+Reload (SIGHUP or ``reload()``) goes through the same validated path as start-up: the file is loaded and
+cross-checked, every new HTTP front (route tables, filter factories) is built, and only when all of that
+succeeded is anything swapped in, so a bad config never half-applies. Listeners with the same name and
+address keep their socket: new connections get the new filter chain, open connections keep theirs.
+Listeners that disappeared drain (GOAWAY / ``Connection: close``) and close after their drain timeout.
+Clusters are handed to ``ClusterManager.update`` (unchanged ones keep their pools).
+
+SIGTERM (and ``/quitquitquit``): stop accepting, drain every connection, wait up to the longest listener
+``drain_timeout`` for open exchanges to finish, then close everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random as _random
+import signal
+import time
+from typing import Any
+
+from microenvoy import __version__
+from microenvoy.admin import logging as admin_logging
+from microenvoy.admin.stats import Store
+from microenvoy.config.dump import redact
+from microenvoy.config.loader import load_bootstrap
+from microenvoy.config.model import Bootstrap, FilterChain, HttpConnectionManager, Listener
+from microenvoy.core.errors import ConfigError
+from microenvoy.io.access_log import AccessLogger
+from microenvoy.io.admin_server import AdminServer
+from microenvoy.io.http_front import HttpFront
+from microenvoy.io.quic_front import QuicListener
+from microenvoy.io.tcp_front import ListenerStats, TcpListener
+from microenvoy.io.upstream import ClusterManager
+
+__all__ = ["Server"]
+
+log = logging.getLogger("microenvoy.server")
+
+HCM = "envoy.filters.network.http_connection_manager"
+
+
+class _HealthState:
+    """Process-wide ``/healthcheck/fail`` flag read by the health_check filter."""
+
+    __slots__ = ("failing",)
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def __repr__(self) -> str:
+        return f"<HealthState failing={self.failing}>"
+
+
+def _hcm(chain: FilterChain) -> HttpConnectionManager:
+    for f in chain.filters:
+        if f.name == HCM:
+            assert isinstance(f.config, HttpConnectionManager)
+            return f.config
+    raise ConfigError([f"filter_chains: no {HCM} filter (the only network filter supported so far)"])
+
+
+class Server:
+    """One microenvoy agent (see the module docstring)."""
+
+    def __init__(
+        self,
+        bootstrap: Bootstrap,
+        *,
+        config_path: str | None = None,
+        admin_address_path: str | None = None,
+        rng: _random.Random | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.config_path = config_path
+        self.admin_address_path = admin_address_path
+        self.random = rng or _random.Random()
+        self.stats = Store()
+        self.health = _HealthState()
+        self.state = "PRE_INITIALIZING"
+        self.started_at = time.time()
+        self.clusters = ClusterManager(bootstrap.static_resources.clusters, self.stats, random=self.random)
+        self._lst: dict[str, TcpListener | QuicListener] = {}
+        self._listener_configs: dict[str, Listener] = {}
+        self._access_loggers: list[AccessLogger] = []
+        self.admin: AdminServer | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self.reloads = self.stats.counter("server.reload_success")
+        self.reloads_rejected = self.stats.counter("server.reload_rejected")
+        self.stats.gauge("server.live")
+        self.stats.gauge("server.uptime")
+
+    def __repr__(self) -> str:
+        return f"<Server {self.state} listeners={len(self._lst)}>"
+
+    # ------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.state = "INITIALIZING"
+        self._stopped = asyncio.get_running_loop().create_future()
+        await self.clusters.start()
+        fronts = self._build_fronts(self.bootstrap)
+        for lc in self.bootstrap.static_resources.listeners:
+            await self._start_listener(lc, fronts[lc.name])
+        self.admin = AdminServer(self, self.bootstrap.admin.address)
+        await self.admin.start()
+        if self.admin_address_path:
+            tmp = self.admin_address_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{self.admin.address[0]}:{self.admin.port}\n")
+            os.replace(tmp, self.admin_address_path)
+        self.state = "LIVE"
+        self.stats.gauge("server.live").set(1)
+        for name, lst in self._lst.items():
+            proto = "udp" if isinstance(lst, QuicListener) else "tcp"
+            log.info("listener %s on %s:%d/%s", name, lst.host, lst.bound_port, proto)
+
+    async def run(self) -> None:
+        """Start, then serve until SIGTERM/SIGINT or /quitquitquit; SIGHUP reloads."""
+        await self.start()
+        await self.serve()
+
+    async def serve(self) -> None:
+        """After ``start()``: wait for the end, with the signal handlers installed."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGTERM, self.quit)
+            loop.add_signal_handler(signal.SIGINT, self.quit)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        assert self._stopped is not None
+        await self._stopped
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        self.reload()
+
+    def quit(self) -> None:
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.get_running_loop().create_task(self.shutdown())
+
+    async def shutdown(self, drain: bool = True) -> None:
+        self.state = "DRAINING"
+        self.stats.gauge("server.live").set(0)
+        timeout = max((lc.drain_timeout for lc in self._listener_configs.values()), default=5.0)
+        for lst in self._lst.values():
+            await lst.stop_accepting()
+            if drain:
+                lst.drain()
+        if drain:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and any(lst.connections for lst in self._lst.values()):
+                await asyncio.sleep(0.05)
+        for lst in self._lst.values():
+            lst.close_all()
+        for al in self._access_loggers:
+            al.close()
+        await self.clusters.close()
+        if self.admin is not None:
+            await self.admin.close()
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    # --------------------------------------------------------------------------------- building
+    def _build_fronts(self, b: Bootstrap) -> dict[str, HttpFront]:
+        """Every listener's HTTP front, or ConfigError (nothing is swapped in by this)."""
+        fronts: dict[str, HttpFront] = {}
+        errors: list[str] = []
+        names = {lc.name: lc for lc in b.static_resources.listeners}
+        for i, lc in enumerate(b.static_resources.listeners):
+            try:
+                if len(lc.filter_chains) > 1:
+                    log.warning("listener %s: only the first filter chain is used", lc.name)
+                hcm = _hcm(lc.filter_chains[0])
+                loggers = tuple(AccessLogger(a, self.stats) for a in hcm.access_log)
+                self._access_loggers.extend(loggers)
+                fronts[lc.name] = HttpFront(
+                    hcm,
+                    clusters=self.clusters,
+                    stats=self.stats,
+                    rng=self.random,
+                    health=self.health,
+                    alt_svc=self._alt_svc(lc, names),
+                    access_loggers=loggers,
+                    buffer_limit=lc.per_connection_buffer_limit_bytes,
+                )
+            except ConfigError as exc:
+                errors += [f"static_resources.listeners[{i}].{e}" for e in exc.errors]
+            except ValueError as exc:
+                errors.append(f"static_resources.listeners[{i}]: {exc}")
+        if errors:
+            raise ConfigError(errors)
+        return fronts
+
+    def _alt_svc(self, lc: Listener, names: dict[str, Listener]) -> Any:
+        adv = lc.advertise_http3
+        if adv is None:
+            return None
+        target, max_age = adv.listener, adv.max_age
+
+        def value() -> bytes | None:
+            lst = self._lst.get(target)
+            if lst is None or not lst.bound_port:
+                return None
+            return f'h3=":{lst.bound_port}"; ma={max_age}'.encode()
+
+        return value
+
+    async def _start_listener(self, lc: Listener, front: HttpFront) -> None:
+        addr = lc.address
+        scope = self.stats.scope(f"listener.{addr.address}_{addr.port_value}.")
+        chain = lc.filter_chains[0]
+        lst: TcpListener | QuicListener
+        if addr.protocol == "UDP":
+            assert lc.quic_options is not None and chain.transport_socket is not None
+            lst = QuicListener(
+                lc.name, addr.address, addr.port_value, front, options=lc.quic_options,
+                tls=chain.transport_socket, stats=scope, max_connections=lc.max_connections,
+            )  # fmt: skip
+        else:
+            lst = TcpListener(
+                lc.name, addr.address, addr.port_value, front, stats=scope,
+                ssl_context=self._ssl_context(chain, front.config),
+                max_connections=lc.max_connections, buffer_limit=lc.per_connection_buffer_limit_bytes,
+            )  # fmt: skip
+        await lst.start()
+        if addr.port_value == 0:
+            # Name the stats after the bound port, as Envoy does.
+            bound = self.stats.scope(f"listener.{addr.address}_{lst.bound_port}.")
+            lst.stats = ListenerStats(bound)
+        self._lst[lc.name] = lst
+        self._listener_configs[lc.name] = lc
+
+    @staticmethod
+    def _ssl_context(chain: FilterChain, hcm: HttpConnectionManager) -> Any:
+        if chain.transport_socket is None:
+            return None
+        from microenvoy.io.tls import server_context
+
+        alpn = {"HTTP1": ["http/1.1"], "HTTP2": ["h2"]}.get(hcm.codec_type, ["h2", "http/1.1"])
+        return server_context(chain.transport_socket, alpn)
+
+    # ---------------------------------------------------------------------------------- reload
+    def reload(self) -> bool:
+        """Reload the config file; True if applied. A bad file changes nothing."""
+        if self.config_path is None:
+            return False
+        try:
+            b = load_bootstrap(self.config_path)
+            fronts = self._build_fronts(b)
+        except ConfigError as exc:
+            self.reloads_rejected.inc()
+            log.error("reload rejected, keeping the running config:\n  %s", "\n  ".join(exc.errors))
+            return False
+        except OSError as exc:
+            self.reloads_rejected.inc()
+            log.error("reload rejected: %s", exc)
+            return False
+        asyncio.get_running_loop().create_task(self._apply(b, fronts))
+        return True
+
+    async def _apply(self, b: Bootstrap, fronts: dict[str, HttpFront]) -> None:
+        self.clusters.update(b.static_resources.clusters)
+        new = {lc.name: lc for lc in b.static_resources.listeners}
+        for name in list(self._lst):
+            old_cfg = self._listener_configs[name]
+            lc = new.get(name)
+            if lc is not None and lc.address == old_cfg.address:
+                continue
+            lst = self._lst.pop(name)
+            self._listener_configs.pop(name)
+            await lst.stop_accepting()
+            lst.drain()
+            asyncio.get_running_loop().call_later(old_cfg.drain_timeout, lst.close_all)
+        for name, lc in new.items():
+            front = fronts[name]
+            existing = self._lst.get(name)
+            if existing is None:
+                try:
+                    await self._start_listener(lc, front)
+                except OSError as exc:
+                    log.error("listener %s: cannot bind %s: %s", name, lc.address, exc)
+                continue
+            chain = lc.filter_chains[0]
+            if isinstance(existing, QuicListener):
+                assert lc.quic_options is not None and chain.transport_socket is not None
+                existing.update(front, lc.quic_options, chain.transport_socket, lc.max_connections)
+            else:
+                existing.update(front, self._ssl_context(chain, front.config), lc.max_connections)
+            self._listener_configs[name] = lc
+        self.bootstrap = b
+        self.reloads.inc()
+        log.info("config reloaded: %d listeners, %d clusters", len(new), len(b.static_resources.clusters))
+
+    # ----------------------------------------------------------------------------- AdminHost
+    def ready(self) -> bool:
+        return self.state == "LIVE"
+
+    def config_dump(self) -> dict[str, Any]:
+        return {
+            "configs": [
+                {
+                    "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+                    "bootstrap": redact(self.bootstrap.raw),
+                }
+            ]
+        }
+
+    def clusters_text(self) -> str:
+        return self.clusters.admin_clusters_text()
+
+    def clusters_json(self) -> dict[str, Any]:
+        return self.clusters.admin_clusters_json()
+
+    def listeners(self) -> list[dict[str, Any]]:
+        out = []
+        for name, lst in self._lst.items():
+            proto = "UDP" if isinstance(lst, QuicListener) else "TCP"
+            out.append(
+                {
+                    "name": name,
+                    "local_address": {
+                        "socket_address": {
+                            "address": lst.host,
+                            "port_value": lst.bound_port,
+                            "protocol": proto,
+                        }
+                    },
+                }
+            )
+        return out
+
+    def server_info(self) -> dict[str, Any]:
+        node = self.bootstrap.node
+        up = int(time.time() - self.started_at)
+        return {
+            "version": f"microenvoy/{__version__}",
+            "state": self.state,
+            "uptime_current_epoch": f"{up}s",
+            "uptime_all_epochs": f"{up}s",
+            "node": {"id": node.id, "cluster": node.cluster, "metadata": node.metadata},
+            "command_line_options": {"config_path": self.config_path or ""},
+        }
+
+    def healthcheck_fail(self) -> None:
+        self.health.failing = True
+
+    def healthcheck_ok(self) -> None:
+        self.health.failing = False
+
+    def drain_listeners(self, graceful: bool, inbound_only: bool) -> None:
+        async def drain() -> None:
+            for lst in self._lst.values():
+                await lst.stop_accepting()
+                lst.drain()
+
+        asyncio.get_running_loop().create_task(drain())
+
+    def set_log_level(self, level: str, logger: str | None) -> str:
+        return admin_logging.set_level(level, logger)
+
+    def dump_json(self) -> str:
+        return json.dumps(self.config_dump(), indent=2)
