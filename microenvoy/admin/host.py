@@ -9,7 +9,8 @@ path                       method  answer
 =========================  ======  ==========================================================================
 ``/``, ``/help``           GET     text index of the endpoints
 ``/ready``                 GET     200 ``LIVE`` / 503 ``<server_info()["state"]>`` (``PRE_INITIALIZING`` ...)
-``/stats``                 GET     text; ``?filter=<regex>``, ``?usedonly``, ``?format=json|prometheus``
+``/stats``                 GET     text; ``?filter=<regex>``, ``?usedonly``, ``?format=json|prometheus``,
+                                  ``?pretty`` (indented JSON)
 ``/stats/prometheus``      GET     Prometheus text 0.0.4; ``?filter=``, ``?usedonly``
 ``/config_dump``           GET     JSON (redacted by the host)
 ``/clusters``              GET     text; ``?format=json``
@@ -181,8 +182,11 @@ def _text(body: str, status: int = 200) -> AdminResponse:
     return AdminResponse(status, body.encode("utf-8", "replace"), TEXT)
 
 
-def _json(data: Any, status: int = 200) -> AdminResponse:
-    body = json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n"
+def _json(data: Any, status: int = 200, *, pretty: bool = True) -> AdminResponse:
+    indent, separators = (2, None) if pretty else (None, (",", ":"))
+    body = (
+        json.dumps(_finite(data), indent=indent, separators=separators, default=str, allow_nan=False) + "\n"
+    )
     return AdminResponse(status, body.encode("utf-8"), JSON)
 
 
@@ -242,7 +246,7 @@ def _stats(host: AdminHost, q: _Query) -> AdminResponse:
         return _prometheus(host, q)
     pattern, used_only = _name_filter(q), q.has("usedonly")
     if fmt == "json":
-        return _json(host.stats.json(pattern, used_only=used_only))
+        return _json(host.stats.json(pattern, used_only=used_only), pretty=q.has("pretty"))
     lines = list(host.stats.iter_text(pattern, used_only=used_only))
     return _text("".join(line + "\n" for line in lines))
 

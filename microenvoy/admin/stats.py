@@ -327,4 +327,5 @@ def _short(v: float) -> str:
 
 
 def _json_number(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None
+    """Six significant digits (interpolation noise like 3.0999999999999996 is not information); no inf/NaN."""
+    return float(f"{v:.6g}") if v is not None and math.isfinite(v) else None

@@ -143,7 +143,10 @@ class AdminHttpConnection:
             self._h11.receive_data(data)
             self._process(out, after)
         except h11.RemoteProtocolError as e:
-            self._stats.cx_protocol_error.inc()
+            if e.error_status_hint == 431:  # head still incomplete past the limit
+                self._stats.rq_too_large.inc()
+            else:
+                self._stats.cx_protocol_error.inc()
             reason = str(e)[:200]  # h11 quotes the offending bytes; keep logs and answers short
             log.warning("admin: bad request from client: %s", reason)
             self._send_error(out, e.error_status_hint, f"bad request: {reason}\n")

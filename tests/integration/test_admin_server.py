@@ -407,6 +407,8 @@ async def test_oversized_headers_are_431(host: FakeHost) -> None:
         # an endless request line is cut off as well
         data = await raw(srv.port, b"GET /" + b"a" * 10000)
         assert data.startswith(b"HTTP/1.1 431 ")
+        assert host.stats.value("http.admin.downstream_rq_too_large") == 2
+        assert host.stats.value("http.admin.downstream_cx_protocol_error") == 0
 
 
 async def test_oversized_body_is_413(host: FakeHost) -> None:

@@ -175,6 +175,10 @@ def test_stats_json(host: FakeHost) -> None:
     doc = json.loads(r.body)
     assert doc["stats"][0] == {"name": "cluster.web.upstream_rq_total", "value": 4}
     assert doc["stats"][1]["histograms"]["computed_quantiles"][0]["name"] == "cluster.web.upstream_rq_time"
+    assert b"\n " not in r.body  # compact by default, as Envoy
+    pretty = _get(host, "/stats?format=json&filter=upstream_rq&pretty")
+    assert b'\n  "stats": [\n' in pretty.body
+    assert json.loads(pretty.body) == doc
 
 
 def test_prometheus(host: FakeHost) -> None:

@@ -100,6 +100,11 @@ def test_json_matches_envoy_shape() -> None:
         "cumulative": None,
     }
     assert Store().json() == {"stats": []}
+    noisy = Store()
+    for v in (1.2, 7):
+        noisy.histogram("n").record(v)
+    p25 = noisy.json()["stats"][0]["histograms"]["computed_quantiles"][0]["values"][1]["cumulative"]
+    assert p25 == 3.1  # not 3.0999999999999996
 
 
 # -- histograms ------------------------------------------------------------------------------------
