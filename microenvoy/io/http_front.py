@@ -544,8 +544,12 @@ class ActiveStream:
                     503, "upstream overflow", "upstream_overflow", ResponseFlag.UPSTREAM_OVERFLOW
                 )
             if kind in ("connect-failure", "connect-timeout"):
-                raise _LocalReply(503, "upstream connect error or disconnect/reset before headers",
-                                  "upstream_connect_failure", ResponseFlag.UPSTREAM_CONNECTION_FAILURE)  # fmt: skip
+                raise _LocalReply(
+                    503,
+                    "upstream connect error or disconnect/reset before headers",
+                    "upstream_connect_failure",
+                    ResponseFlag.UPSTREAM_CONNECTION_FAILURE,
+                )
             raise _LocalReply(503, "upstream connect error or disconnect/reset before headers",
                               "upstream_reset_before_response_started",
                               ResponseFlag.UPSTREAM_REMOTE_RESET)  # fmt: skip

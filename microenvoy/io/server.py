@@ -58,6 +58,13 @@ class _HealthState:
         return f"<HealthState failing={self.failing}>"
 
 
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _hcm(chain: FilterChain) -> HttpConnectionManager:
     for f in chain.filters:
         if f.name == HCM:
@@ -111,10 +118,7 @@ class Server:
         self.admin = AdminServer(self, self.bootstrap.admin.address)
         await self.admin.start()
         if self.admin_address_path:
-            tmp = self.admin_address_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(f"{self.admin.address[0]}:{self.admin.port}\n")
-            os.replace(tmp, self.admin_address_path)
+            _write_atomically(self.admin_address_path, f"{self.admin.address[0]}:{self.admin.port}\n")
         self.state = "LIVE"
         self.stats.gauge("server.live").set(1)
         for name, lst in self._lst.items():
@@ -154,7 +158,10 @@ class Server:
                 lst.drain()
         if drain:
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and any(lst.connections for lst in self._lst.values()):
+            # Shutdown only: poll the two listener kinds' connection sets every 50 ms.
+            while time.monotonic() < deadline and any(  # noqa: ASYNC110
+                lst.connections for lst in self._lst.values()
+            ):
                 await asyncio.sleep(0.05)
         for lst in self._lst.values():
             lst.close_all()
@@ -217,7 +224,8 @@ class Server:
         chain = lc.filter_chains[0]
         lst: TcpListener | QuicListener
         if addr.protocol == "UDP":
-            assert lc.quic_options is not None and chain.transport_socket is not None
+            assert lc.quic_options is not None
+            assert chain.transport_socket is not None
             lst = QuicListener(
                 lc.name, addr.address, addr.port_value, front, options=lc.quic_options,
                 tls=chain.transport_socket, stats=scope, max_connections=lc.max_connections,
@@ -288,7 +296,8 @@ class Server:
                 continue
             chain = lc.filter_chains[0]
             if isinstance(existing, QuicListener):
-                assert lc.quic_options is not None and chain.transport_socket is not None
+                assert lc.quic_options is not None
+                assert chain.transport_socket is not None
                 existing.update(front, lc.quic_options, chain.transport_socket, lc.max_connections)
             else:
                 existing.update(front, self._ssl_context(chain, front.config), lc.max_connections)
