@@ -183,6 +183,11 @@ class AdminHttpConnection:
                     self._stats.cx_protocol_error.inc()
                     self._send_error(out, 505, "HTTP version not supported\n")
                     return
+                declared = next((int(v) for n, v in event.headers if n == b"content-length"), 0)
+                if declared > self._limits.max_request_body_bytes:  # refuse before "100 Continue"
+                    self._stats.rq_too_large.inc()
+                    self._send_error(out, 413, "request body too large\n")
+                    return
                 if conn.client_is_waiting_for_100_continue:
                     out.append(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
             elif isinstance(event, h11.Data):

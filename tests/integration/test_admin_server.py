@@ -421,6 +421,27 @@ async def test_oversized_body_is_413(host: FakeHost) -> None:
         assert data.startswith(b"HTTP/1.1 413 ")
         assert host.calls == []
         assert host.stats.value("http.admin.downstream_rq_too_large") == 1
+        # chunked: no length up front, cut off once the body passes the limit
+        data = await raw(
+            srv.port,
+            b"POST /healthcheck/fail HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            + b"400\r\n"
+            + b"z" * 1024
+            + b"\r\n"
+            + b"400\r\n"
+            + b"z" * 1024
+            + b"\r\n0\r\n\r\n",
+        )
+        assert data.startswith(b"HTTP/1.1 413 ")
+        # a declared oversized body with Expect: 100-continue is refused before the client sends it
+        data = await raw(
+            srv.port,
+            b"POST /healthcheck/fail HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n"
+            b"expect: 100-continue\r\n\r\n",
+        )
+        assert data.startswith(b"HTTP/1.1 413 ")
+        assert host.calls == []
+        assert host.stats.value("http.admin.downstream_rq_too_large") == 3
 
 
 async def test_idle_connection_is_closed(host: FakeHost) -> None:
