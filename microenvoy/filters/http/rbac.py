@@ -161,14 +161,16 @@ _PRINCIPAL_UNSUPPORTED = ("metadata", "filter_state", "sourced_metadata", "custo
 def _parse_cidr(r: Reader) -> CidrRange:
     prefix = r.string("address_prefix", required=True)
     length = r.integer("prefix_len", 0, min=0, max=128)
-    try:
-        net = ipaddress.ip_network(f"{prefix}/{length}", strict=False)
-    except ValueError as exc:
-        if prefix:
-            r.error(f"invalid CIDR range: {exc}")
-    else:
-        if length > net.max_prefixlen:
-            r.error(f"must be <= {net.max_prefixlen} for {prefix}", "prefix_len")
+    if prefix:
+        try:
+            address = ipaddress.ip_address(prefix)
+        except ValueError:
+            r.error(f"not an IPv4 or IPv6 address: {prefix!r}", "address_prefix")
+        else:
+            limit = 32 if address.version == 4 else 128
+            if length > limit:
+                r.error(f"must be <= {limit} for an IPv{address.version} prefix, got {length}", "prefix_len")
+                length = limit
     return CidrRange(prefix, length)
 
 
