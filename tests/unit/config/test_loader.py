@@ -1122,3 +1122,16 @@ def test_validation_errors_from_a_file_carry_paths(tmp_path: Path) -> None:
 
 def test_top_level_must_be_a_mapping() -> None:
     assert errors_of([1, 2]) == ["expected a mapping, got list"]
+
+
+def test_the_complete_example_in_the_configuration_docs_is_valid() -> None:
+    import yaml
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    section = text[text.index("## Complete example") :]
+    block = section[
+        section.index("```yaml\n") + len("```yaml\n") : section.index("\n```", section.index("```yaml"))
+    ]
+    b = parse_bootstrap(yaml.safe_load(block), base_dir=str(REPO / "docs" / "examples"))
+    assert [li.name for li in b.static_resources.listeners] == ["http", "quic"]
+    assert [c.upstream_protocol for c in b.static_resources.clusters] == ["HTTP2", "HTTP1"]
