@@ -291,4 +291,3 @@ def grpc_local_reply_headers(status_code: int, message: str = "") -> Headers:
     if message:
         h.add(b"grpc-message", percent_encode_grpc_message(message))
     return h
-

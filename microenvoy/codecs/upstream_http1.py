@@ -131,9 +131,13 @@ class Http1ClientCodec:
             self._chunked = True
         elif end_stream and not has_length and method in _BODY_METHODS:
             out.append((b"content-length", b"0"))
+        try:
+            request = h11.Request(method=method, target=target, headers=out)
+        except h11.LocalProtocolError as e:
+            raise CodecError(f"cannot send HTTP/1.1 request: {e}", "upstream_rq_local_protocol_error") from e
         self.stream_id += 1
         self.requests += 1
-        self._send(h11.Request(method=method, target=target, headers=out))
+        self._send(request)
         self._head_sent = True
         if end_stream:
             self._send(h11.EndOfMessage())
@@ -212,7 +216,7 @@ class Http1ClientCodec:
                     break
         except h11.RemoteProtocolError as e:
             self.closed = True
-            if self._head_sent and not self._response_done and "without sending complete" in str(e):
+            if self._head_sent and not self._response_done and not data:  # EOF mid-exchange
                 events.append(StreamReset(sid, 0, "connection_closed"))
                 events.append(ConnectionTerminated(reason="closed by upstream"))
             else:

@@ -55,33 +55,35 @@ class RoundRobinLb(_Base):
     """Smooth weighted round robin (nginx's algorithm): weights honoured, picks interleaved.
 
     Each pick adds every candidate's weight to its running score, takes the highest score and subtracts the
-    total weight from it. With weights 5/1/1 the sequence is a a b a c a a, never five a's in a row. The
-    first pick starts at a random host so that many agents do not all hit the same host first.
+    total weight from it. With weights 5/1/1 the sequence is a a b a c a a, never five a's in a row. Ties
+    are broken from a random position, so that many agents do not all hit the same host first.
     """
 
-    __slots__ = ("_scores",)
+    __slots__ = ("_offset", "_scores")
 
     def __init__(self, rng: random.Random | None = None, *, panic_threshold: float = 50.0) -> None:
         super().__init__(rng, panic_threshold=panic_threshold)
         self._scores: dict[Host, int] = {}
+        self._offset = self.random.randrange(1 << 30)
+        """Ties are broken starting at this (random) position, so agents do not all start at host 0."""
 
     def choose(self, hosts: Sequence[Host], hash_key: bytes | None = None) -> Host | None:
         candidates = self._candidates(hosts)
-        if not candidates:
+        n = len(candidates)
+        if not n:
             return None
-        if len(candidates) == 1:
+        if n == 1:
             return candidates[0]
         scores = self._scores
         if len(scores) > 2 * len(hosts) + 8:  # forget hosts that left the cluster
             live = set(hosts)
             self._scores = scores = {h: s for h, s in scores.items() if h in live}
-        if not scores:
-            # Random start: pretend the random host already accumulated one round of its weight.
-            scores[candidates[self.random.randrange(len(candidates))]] = sum(h.weight for h in candidates)
+        start = self._offset % n
         total = 0
         best: Host | None = None
         best_score = 0
-        for h in candidates:
+        for i in range(n):
+            h = candidates[(start + i) % n]
             s = scores.get(h, 0) + h.weight
             scores[h] = s
             total += h.weight
