@@ -166,8 +166,12 @@ class HttpFront:
         self.server_name = config.server_name.encode("latin-1", "replace")
         ctx = FactoryContext(self.scope, config.stat_prefix, self.random, health)
         factories: list[HttpFilterFactory] = []
+        self.suppress_envoy_headers = False
         for f in config.http_filters:
-            if f.disabled or f.name == ROUTER:
+            if f.name == ROUTER:
+                self.suppress_envoy_headers = bool(getattr(f.config, "suppress_envoy_headers", False))
+                continue
+            if f.disabled:
                 continue
             _, module = http_filter_module(f.name)
             factories.append(module.make_factory(f.config, ctx))
@@ -680,7 +684,7 @@ class ActiveStream:
             h.add(b"x-request-id", str(uuid.uuid4()).encode())
         if ex.downstream.early_data:
             h.set(b"early-data", b"1")  # RFC 8470 section 5.1
-        entry.finalize_request_headers(h, ex)
+        entry.finalize_request_headers(h, ex, insert_original_path=not front.suppress_envoy_headers)
         return h
 
     # ------------------------------------------------------------------------------ response path
@@ -767,7 +771,11 @@ class ActiveStream:
                 code = _GRPC_LOCAL.get(reply.status) or grpc_codec.http_status_to_grpc(reply.status)
             headers = grpc_codec.grpc_local_reply_headers(code, reply.body or reply.details)
             for k, v in extra:
-                headers.add(k, v)
+                # A filter's own grpc-status/grpc-message (fault abort) replaces the mapped one.
+                if k in (b"grpc-status", b"grpc-message"):
+                    headers.set(k, v)
+                else:
+                    headers.add(k, v)
             self._decorate_response(headers)
             await self._encode_headers(headers, True)
             self.response_started = True

@@ -32,6 +32,7 @@ from microenvoy.config.dump import redact
 from microenvoy.config.loader import load_bootstrap
 from microenvoy.config.model import Bootstrap, FilterChain, HttpConnectionManager, Listener
 from microenvoy.core.errors import ConfigError
+from microenvoy.filters.http.health_check import HealthState
 from microenvoy.io.access_log import AccessLogger
 from microenvoy.io.admin_server import AdminServer
 from microenvoy.io.http_front import HttpFront
@@ -44,18 +45,6 @@ __all__ = ["Server"]
 log = logging.getLogger("microenvoy.server")
 
 HCM = "envoy.filters.network.http_connection_manager"
-
-
-class _HealthState:
-    """Process-wide ``/healthcheck/fail`` flag read by the health_check filter."""
-
-    __slots__ = ("failing",)
-
-    def __init__(self) -> None:
-        self.failing = False
-
-    def __repr__(self) -> str:
-        return f"<HealthState failing={self.failing}>"
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -89,7 +78,7 @@ class Server:
         self.admin_address_path = admin_address_path
         self.random = rng or _random.Random()
         self.stats = Store()
-        self.health = _HealthState()
+        self.health = HealthState()
         self.state = "PRE_INITIALIZING"
         self.started_at = time.time()
         self.clusters = ClusterManager(bootstrap.static_resources.clusters, self.stats, random=self.random)
