@@ -59,6 +59,7 @@ class Http1ServerCodec:
     ) -> None:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self._scheme = b"https" if tls else b"http"
+        self._max_header_bytes = max_header_bytes
         self._max_headers_count = max_headers_count
         self._out: list[bytes] = []
         self._stream_id = -1
@@ -106,6 +107,8 @@ class Http1ServerCodec:
             elif isinstance(ev, h11.Data):
                 events.append(DataReceived(self._stream_id, bytes(ev.data), False, len(ev.data)))
             elif isinstance(ev, h11.EndOfMessage):
+                if not self._request_open:
+                    continue  # the request ended with its headers: HeadersReceived said so already
                 self._request_open = False
                 if ev.headers:
                     events.append(TrailersReceived(self._stream_id, Headers((k, v) for k, v in ev.headers)))
@@ -120,6 +123,11 @@ class Http1ServerCodec:
         raw = req.headers
         if len(raw) > self._max_headers_count:
             return self._fail(431, f"too many headers ({len(raw)} > {self._max_headers_count})")
+        # h11's limit only bounds an *incomplete* head; a complete one that arrived in one read is
+        # measured here so the limit does not depend on how the bytes were segmented.
+        size = len(req.method) + len(req.target) + 12 + sum(len(k) + len(v) + 4 for k, v in raw)
+        if size > self._max_header_bytes:
+            return self._fail(431, f"request headers too large ({size} > {self._max_header_bytes} bytes)")
         self._stream_id += 2
         self._response_started = False
         self._response_done = False
@@ -155,6 +163,7 @@ class Http1ServerCodec:
     def _fail(self, status: int, detail: str) -> ProtocolFailure:
         """Queue a 4xx with Connection: close if a response can still be sent."""
         self.keep_alive = False
+        self._closed = True  # parse nothing more: one failure, one stat
         if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not self._response_started:
             try:
                 body = (detail + "\n").encode("utf-8", "replace")

@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable
 
 from microenvoy.config.model import HeaderMatcher, StringMatcher
-from microenvoy.config.reader import Reader
 from microenvoy.core.headers import Headers
 
 __all__ = [
@@ -117,69 +116,5 @@ def compile_header_matchers(ms: tuple[HeaderMatcher, ...]) -> HeadersMatcher | N
 
 
 # ------------------------------------------------------------------------------------- parsing
-def _regex(r: Reader, key: str) -> str:
-    """``safe_regex: {regex, google_re2?}`` -> the regex, checked to compile."""
-    sr = r.mapping(key)
-    if sr is None:
-        return ""
-    value: str = sr.string("regex", required=True)
-    sr.mapping("google_re2")  # accepted for compatibility; RE2 program size limits do not apply
-    sr.finish()
-    try:
-        re.compile(value.encode("utf-8"))
-    except re.error as exc:
-        sr.error(f"invalid regex: {exc}", "regex")
-    return value
-
-
-def parse_string_matcher(r: Reader) -> StringMatcher:
-    """Envoy's ``type.matcher.v3.StringMatcher``: one of exact/prefix/suffix/contains/safe_regex, and
-    ``ignore_case``. The caller calls ``r.finish()`` (``Reader.object`` does)."""
-    kind = r.one_of(*_STRING_KINDS) or "exact"
-    ignore_case = r.boolean("ignore_case")
-    if kind == "safe_regex":
-        value = _regex(r, "safe_regex")
-    else:
-        value = r.string(kind)
-    for other in _STRING_KINDS:
-        r.ignore(other)  # a second kind was already reported by one_of
-    return StringMatcher(kind=kind, value=value, ignore_case=ignore_case)
-
-
-_LEGACY_HEADER_KINDS = {
-    "exact_match": "exact",
-    "prefix_match": "prefix",
-    "suffix_match": "suffix",
-    "contains_match": "contains",
-}
-
-
-def parse_header_matcher(r: Reader) -> HeaderMatcher:
-    """Envoy's ``config.route.v3.HeaderMatcher`` (``name`` plus one of ``string_match``, ``present_match``,
-    the legacy ``exact_match``/``prefix_match``/``suffix_match``/``contains_match``/``safe_regex_match``;
-    ``invert_match``). ``range_match`` and ``treat_missing_header_as_empty`` are not supported."""
-    name: str = r.string("name", required=True)
-    if name and name != name.strip():
-        r.error("header name must not contain surrounding whitespace", "name")
-    invert = r.boolean("invert_match")
-    kinds = ("string_match", "present_match", "safe_regex_match", *_LEGACY_HEADER_KINDS)
-    for unsupported in ("range_match", "treat_missing_header_as_empty"):
-        if r.has(unsupported):
-            r.get(unsupported)
-            r.error("not supported by microenvoy", unsupported)
-    kind = r.one_of(*kinds, required=False)
-    string_match: StringMatcher | None = None
-    present: bool | None = None
-    if kind == "string_match":
-        string_match = r.object("string_match", parse_string_matcher)
-    elif kind == "present_match":
-        present = r.boolean("present_match", True)
-    elif kind == "safe_regex_match":
-        string_match = StringMatcher("safe_regex", _regex(r, "safe_regex_match"))
-    elif kind is not None:
-        string_match = StringMatcher(_LEGACY_HEADER_KINDS[kind], r.string(kind))
-    for k in kinds:
-        r.ignore(k)
-    return HeaderMatcher(
-        name=name.lower(), string_match=string_match, present_match=present, invert_match=invert
-    )
+# Parsing lives with the rest of the config reading; re-exported here for the filters that match headers.
+from microenvoy.config.loader import parse_header_matcher, parse_string_matcher  # noqa: E402

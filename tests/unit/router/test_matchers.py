@@ -116,7 +116,7 @@ def test_parse_header_matcher_forms() -> None:
     assert v == HeaderMatcher("x", present_match=False)
     v, errors = _parse(parse_header_matcher, {"name": "x"})
     assert errors == []
-    assert v == HeaderMatcher("x")
+    assert v == HeaderMatcher("x", present_match=True)  # Envoy: no specifier = must be present
 
 
 @pytest.mark.parametrize(
