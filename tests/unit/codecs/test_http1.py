@@ -191,15 +191,18 @@ def test_chunked_body_without_trailers_ends_with_empty_data() -> None:
     assert evs[1:] == [DataReceived(1, b"abc", False, 3), DataReceived(1, b"", True, 0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a HeadersReceived(end_stream=True) is followed by DataReceived(b'', end_stream=True); "
-    "events.HeadersReceived.end_stream promises that no body follows (h2/h3 codecs emit nothing more)",
+@pytest.mark.parametrize(
+    "raw",
+    [GET, HTTP10, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"],
+    ids=["get", "1.0", "cl0"],
 )
-def test_nothing_follows_a_request_that_ended_with_its_headers() -> None:
+def test_nothing_follows_a_request_that_ended_with_its_headers(raw: bytes) -> None:
+    """events.HeadersReceived.end_stream promises that no body follows (as the h2/h3 codecs do)."""
     c = Http1ServerCodec()
-    evs = c.receive_data(GET)
+    evs = c.receive_data(raw)
     assert len(evs) == 1
+    assert isinstance(evs[0], HeadersReceived)
+    assert evs[0].end_stream
 
 
 def test_expect_100_continue_is_answered() -> None:
@@ -234,7 +237,7 @@ def test_pipelined_requests_wait_for_response_complete() -> None:
     c = Http1ServerCodec()
     raw = GET + POST_CL + GET.replace(b"/a?b=1", b"/third")
     evs = c.receive_data(raw)
-    assert [type(e) for e in evs] == [HeadersReceived, DataReceived]  # only the first request
+    assert [type(e) for e in evs] == [HeadersReceived]  # only the first request
     assert c.response_complete() == []  # nothing answered yet: nothing more parsed
     answered(c, 1)
     evs = c.response_complete()
@@ -300,15 +303,23 @@ def test_header_block_over_limit_byte_by_byte_is_431() -> None:
     assert c.data_to_send().startswith(b"HTTP/1.1 431 ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a complete header block over max_header_bytes that arrives in one read is accepted; h11's "
-    "max_incomplete_event_size only limits an *incomplete* head, so the 60 KiB limit depends on segmentation",
-)
 def test_complete_header_block_over_limit_in_one_read_is_431() -> None:
+    """h11's limit only bounds an incomplete head; the codec must not depend on segmentation."""
     c = Http1ServerCodec(max_header_bytes=1024)
     evs = c.receive_data(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
     assert [type(e) for e in evs] == [ProtocolFailure]
+    assert isinstance(evs[0], ProtocolFailure)
+    assert evs[0].stat == "downstream_rq_431"
+    resp, _, _ = response_of(c.data_to_send())
+    assert resp.status_code == 431
+
+
+def test_header_block_just_under_limit_is_accepted() -> None:
+    c = Http1ServerCodec(max_header_bytes=1024)
+    head = b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 900 + b"\r\n\r\n"
+    assert len(head) < 1024
+    evs = c.receive_data(head)
+    assert isinstance(evs[0], HeadersReceived)
 
 
 def test_too_many_headers_is_431() -> None:
