@@ -22,6 +22,7 @@ import logging
 import os
 import random as _random
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -36,8 +37,8 @@ from microenvoy.filters.http.health_check import HealthState
 from microenvoy.io.access_log import AccessLogger
 from microenvoy.io.admin_server import AdminServer
 from microenvoy.io.http_front import HttpFront
-from microenvoy.io.quic_front import QuicListener
-from microenvoy.io.tcp_front import ListenerStats, TcpListener
+from microenvoy.io.quic_front import QuicListener, quic_configuration
+from microenvoy.io.tcp_front import FilterChainRuntime, ListenerStats, TcpListener
 from microenvoy.io.upstream import ClusterManager
 
 __all__ = ["Server"]
@@ -163,32 +164,43 @@ class Server:
             self._stopped.set_result(None)
 
     # --------------------------------------------------------------------------------- building
-    def _build_fronts(self, b: Bootstrap) -> dict[str, HttpFront]:
-        """Every listener's HTTP front, or ConfigError (nothing is swapped in by this)."""
-        fronts: dict[str, HttpFront] = {}
+    def _build_fronts(self, b: Bootstrap) -> dict[str, list[FilterChainRuntime]]:
+        """Every listener's filter chains (HTTP front + TLS context each), or ConfigError.
+
+        Everything that can fail (route tables, filter configs, certificates) is built here, before anything
+        is swapped in, so a bad config never half-applies.
+        """
+        fronts: dict[str, list[FilterChainRuntime]] = {}
         errors: list[str] = []
         names = {lc.name: lc for lc in b.static_resources.listeners}
         for i, lc in enumerate(b.static_resources.listeners):
-            try:
-                if len(lc.filter_chains) > 1:
-                    log.warning("listener %s: only the first filter chain is used", lc.name)
-                hcm = _hcm(lc.filter_chains[0])
-                loggers = tuple(AccessLogger(a, self.stats) for a in hcm.access_log)
-                self._access_loggers.extend(loggers)
-                fronts[lc.name] = HttpFront(
-                    hcm,
-                    clusters=self.clusters,
-                    stats=self.stats,
-                    rng=self.random,
-                    health=self.health,
-                    alt_svc=self._alt_svc(lc, names),
-                    access_loggers=loggers,
-                    buffer_limit=lc.per_connection_buffer_limit_bytes,
-                )
-            except ConfigError as exc:
-                errors += [f"static_resources.listeners[{i}].{e}" for e in exc.errors]
-            except ValueError as exc:
-                errors.append(f"static_resources.listeners[{i}]: {exc}")
+            if lc.address.protocol == "UDP" and len(lc.filter_chains) > 1:
+                log.warning("listener %s: QUIC uses its first filter chain only", lc.name)
+            chains: list[FilterChainRuntime] = []
+            for j, chain in enumerate(lc.filter_chains):
+                try:
+                    hcm = _hcm(chain)
+                    loggers = tuple(AccessLogger(a, self.stats) for a in hcm.access_log)
+                    self._access_loggers.extend(loggers)
+                    if lc.quic_options is not None and chain.transport_socket is not None:
+                        quic_configuration(lc.quic_options, chain.transport_socket)  # certificate check
+                    front = HttpFront(
+                        hcm,
+                        clusters=self.clusters,
+                        stats=self.stats,
+                        rng=self.random,
+                        health=self.health,
+                        alt_svc=self._alt_svc(lc, names),
+                        access_loggers=loggers,
+                        buffer_limit=lc.per_connection_buffer_limit_bytes,
+                    )
+                    tls = None if lc.address.protocol == "UDP" else self._ssl_context(chain, hcm)
+                    chains.append(FilterChainRuntime(chain.server_names, front, tls))
+                except ConfigError as exc:
+                    errors += [f"static_resources.listeners[{i}].filter_chains[{j}].{e}" for e in exc.errors]
+                except (ValueError, OSError, ssl.SSLError) as exc:
+                    errors.append(f"static_resources.listeners[{i}].filter_chains[{j}]: {exc}")
+            fronts[lc.name] = chains
         if errors:
             raise ConfigError(errors)
         return fronts
@@ -207,7 +219,7 @@ class Server:
 
         return value
 
-    async def _start_listener(self, lc: Listener, front: HttpFront) -> None:
+    async def _start_listener(self, lc: Listener, chains: list[FilterChainRuntime]) -> None:
         addr = lc.address
         scope = self.stats.scope(f"listener.{addr.address}_{addr.port_value}.")
         chain = lc.filter_chains[0]
@@ -216,20 +228,18 @@ class Server:
             assert lc.quic_options is not None
             assert chain.transport_socket is not None
             lst = QuicListener(
-                lc.name, addr.address, addr.port_value, front, options=lc.quic_options,
+                lc.name, addr.address, addr.port_value, chains[0].front, options=lc.quic_options,
                 tls=chain.transport_socket, stats=scope, max_connections=lc.max_connections,
             )  # fmt: skip
         else:
             lst = TcpListener(
-                lc.name, addr.address, addr.port_value, front, stats=scope,
-                ssl_context=self._ssl_context(chain, front.config),
+                lc.name, addr.address, addr.port_value, chains, stats=scope,
                 max_connections=lc.max_connections, buffer_limit=lc.per_connection_buffer_limit_bytes,
             )  # fmt: skip
         await lst.start()
         if addr.port_value == 0:
             # Name the stats after the bound port, as Envoy does.
-            bound = self.stats.scope(f"listener.{addr.address}_{lst.bound_port}.")
-            lst.stats = ListenerStats(bound)
+            lst.stats = ListenerStats(self.stats.scope(f"listener.{addr.address}_{lst.bound_port}."))
         self._lst[lc.name] = lst
         self._listener_configs[lc.name] = lc
 
@@ -261,7 +271,7 @@ class Server:
         asyncio.get_running_loop().create_task(self._apply(b, fronts))
         return True
 
-    async def _apply(self, b: Bootstrap, fronts: dict[str, HttpFront]) -> None:
+    async def _apply(self, b: Bootstrap, fronts: dict[str, list[FilterChainRuntime]]) -> None:
         self.clusters.update(b.static_resources.clusters)
         new = {lc.name: lc for lc in b.static_resources.listeners}
         for name in list(self._lst):
@@ -287,9 +297,9 @@ class Server:
             if isinstance(existing, QuicListener):
                 assert lc.quic_options is not None
                 assert chain.transport_socket is not None
-                existing.update(front, lc.quic_options, chain.transport_socket, lc.max_connections)
+                existing.update(front[0].front, lc.quic_options, chain.transport_socket, lc.max_connections)
             else:
-                existing.update(front, self._ssl_context(chain, front.config), lc.max_connections)
+                existing.update(front, lc.max_connections)
             self._listener_configs[name] = lc
         self.bootstrap = b
         self.reloads.inc()

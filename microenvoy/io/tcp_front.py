@@ -39,7 +39,7 @@ from microenvoy.io.http_front import ActiveStream, HttpFront
 if TYPE_CHECKING:
     from microenvoy.admin.stats import Scope
 
-__all__ = ["ListenerStats", "TcpHttpConnection", "TcpListener"]
+__all__ = ["FilterChainRuntime", "ListenerStats", "TcpHttpConnection", "TcpListener"]
 
 log = logging.getLogger("microenvoy.listener")
 
@@ -91,6 +91,8 @@ class TcpHttpConnection(asyncio.Protocol):
             self.transport.abort()
             self._closed = True
             return
+        sslobj = transport.get_extra_info("ssl_object")
+        self.front = lst.front_for(sslobj)
         lst.connections.add(self)
         self._counted = True
         lst.stats.cx_total.inc()
@@ -99,7 +101,6 @@ class TcpHttpConnection(asyncio.Protocol):
         self.front.stats.cx_active.inc()
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
-        sslobj = transport.get_extra_info("ssl_object")
         tls = sslobj is not None
         sans: tuple[str, ...] = ()
         sni = None
@@ -107,7 +108,7 @@ class TcpHttpConnection(asyncio.Protocol):
             from microenvoy.io.tls import peer_sans
 
             sans = peer_sans(sslobj)
-            sni = getattr(sslobj, "server_hostname", None)
+            sni = lst.sni_of(sslobj)
         self.downstream = DownstreamInfo(
             "HTTP/1.1", (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])),
             lst.name, tls, sni, sans,
@@ -399,35 +400,95 @@ class TcpHttpConnection(asyncio.Protocol):
             self._close_after_flush()
 
 
+class FilterChainRuntime:
+    """One filter chain of a listener at run time: SNI names, HTTP front and TLS context."""
+
+    __slots__ = ("front", "server_names", "ssl_context")
+
+    def __init__(self, server_names: tuple[str, ...], front: HttpFront, ssl_context: ssl.SSLContext | None):
+        self.server_names = server_names
+        self.front = front
+        self.ssl_context = ssl_context
+
+    def matches(self, sni: str) -> int:
+        """Match quality for ``sni``: 2 exact, 1 wildcard (longer suffix wins via ranking), 0 default, -1."""
+        if not self.server_names:
+            return 0
+        for name in self.server_names:
+            if name == sni:
+                return 1_000_000
+            if name.startswith("*") and sni.endswith(name[1:]) and len(sni) > len(name) - 1:
+                return len(name)
+        return -1
+
+    def __repr__(self) -> str:
+        return f"<FilterChainRuntime {self.server_names or '*'} {self.front!r}>"
+
+
 class TcpListener:
-    """A bound TCP listener; ``front`` can be swapped on reload (new connections only)."""
+    """A bound TCP listener; its filter chains can be swapped on reload (new connections only).
+
+    With several TLS filter chains the chain is chosen by SNI (``filter_chain_match.server_names``: exact
+    name, then the longest ``*.suffix``, then a chain without names) during the handshake, so each chain
+    presents its own certificate.
+    """
 
     def __init__(
         self,
         name: str,
         host: str,
         port: int,
-        front: HttpFront,
+        chains: list[FilterChainRuntime],
         *,
         stats: Scope,
-        ssl_context: ssl.SSLContext | None = None,
         max_connections: int | None = None,
         buffer_limit: int = 1048576,
     ) -> None:
         self.name = name
         self.host = host
         self.port = port
-        self.front = front
-        self.ssl_context = ssl_context
+        self.chains = chains
         self.max_connections = max_connections
         self.buffer_limit = buffer_limit
         self.stats = ListenerStats(stats)
         self.connections: set[TcpHttpConnection] = set()
         self.server: asyncio.Server | None = None
         self.bound_port = 0
+        self._sni: dict[int, str] = {}
+        self.ssl_context = self._listener_context()
 
     def __repr__(self) -> str:
         return f"<TcpListener {self.name} {self.host}:{self.bound_port} cx={len(self.connections)}>"
+
+    @property
+    def front(self) -> HttpFront:
+        return self.chains[0].front
+
+    def _listener_context(self) -> ssl.SSLContext | None:
+        ctx = self.chains[0].ssl_context
+        if ctx is not None and len(self.chains) > 1:
+            ctx.sni_callback = self._on_sni
+        return ctx
+
+    def _on_sni(self, sslobj: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        sni = (server_name or "").lower()
+        best = max(self.chains, key=lambda c: c.matches(sni))
+        if best.matches(sni) >= 0 and best.ssl_context is not None and best.ssl_context is not ctx:
+            sslobj.context = best.ssl_context
+        if len(self._sni) > 4096:
+            self._sni.clear()
+        self._sni[id(sslobj)] = sni
+
+    def sni_of(self, sslobj: Any) -> str | None:
+        return self._sni.pop(id(sslobj), None)
+
+    def front_for(self, sslobj: Any) -> HttpFront:
+        if sslobj is not None and len(self.chains) > 1:
+            ctx = sslobj.context
+            for c in self.chains:
+                if c.ssl_context is ctx:
+                    return c.front
+        return self.chains[0].front
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -439,15 +500,14 @@ class TcpListener:
         sock = self.server.sockets[0]
         self.bound_port = int(sock.getsockname()[1])
 
-    def update(self, front: HttpFront, ssl_context: ssl.SSLContext | None,
-               max_connections: int | None) -> None:  # fmt: skip
-        """Reload: new connections get the new front and TLS context; open ones keep theirs."""
-        self.front = front
-        self.ssl_context = ssl_context
+    def update(self, chains: list[FilterChainRuntime], max_connections: int | None) -> None:
+        """Reload: new connections get the new chains (fronts, certificates); open ones keep theirs."""
+        self.chains = chains
         self.max_connections = max_connections
-        if self.server is not None and ssl_context is not None:
+        self.ssl_context = self._listener_context()
+        if self.server is not None and self.ssl_context is not None:
             # asyncio keeps the context per server: swapping its attribute is how new handshakes use it.
-            self.server._ssl_context = ssl_context  # type: ignore[attr-defined]
+            self.server._ssl_context = self.ssl_context  # type: ignore[attr-defined]
 
     def drain(self) -> None:
         for c in list(self.connections):
