@@ -136,7 +136,7 @@ async def pause(seconds: float) -> None:
     The one place the test peers call ``asyncio.sleep``: the project bans it for sans-IO code, and tests never
     use it to wait for something to happen (they poll a condition with a deadline instead).
     """
-    await asyncio.sleep(seconds)  # noqa: TID251  # a peer's deliberate delay, not a wait for an event
+    await asyncio.sleep(seconds)  # a peer's deliberate delay, not a wait for an event
 
 
 def pairs_to_dict(headers: Sequence[tuple[str, str]]) -> dict[str, str]:

@@ -8,6 +8,7 @@ spells one differently, this is the one place to change.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .certs import CertBundle
@@ -26,6 +27,7 @@ __all__ = [
     "quic_listener",
     "route",
     "router_filter",
+    "socket_address",
     "tcp_listener",
     "virtual_host",
 ]
@@ -207,14 +209,18 @@ def cluster(
     http2: bool = False,
     connect_timeout: str = "1s",
     lb_policy: str = "ROUND_ROBIN",
-    tls: CertBundle | None = None,
-    tls_client_cert: bool = False,
+    tls_ca: str | Path | None = None,
+    client_cert: tuple[str | Path, str | Path] | None = None,
     sni: str = "localhost",
     alpn: Sequence[str] | None = None,
     address: str = "127.0.0.1",
     **extra: Any,
 ) -> dict[str, Any]:
-    """A STATIC cluster on loopback ports; ``http2`` selects HTTP/2 (h2c, or ALPN h2 with ``tls``)."""
+    """A STATIC cluster on loopback ports; ``http2`` selects HTTP/2 (h2c, or ALPN h2 with TLS).
+
+    ``tls_ca`` turns on upstream TLS (the CA file that must sign the server's certificate); ``client_cert``
+    is ``(certificate_chain, private_key)`` for mTLS.
+    """
     port_list = [ports] if isinstance(ports, int) else list(ports)
     c: dict[str, Any] = {
         "name": name,
@@ -235,16 +241,16 @@ def cluster(
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         }
-    if tls is not None:
+    if tls_ca is not None:
         common: dict[str, Any] = {
-            "validation_context": {"trusted_ca": {"filename": str(tls.ca_cert)}},
+            "validation_context": {"trusted_ca": {"filename": str(tls_ca)}},
             "alpn_protocols": list(alpn or (["h2"] if http2 else ["http/1.1"])),
         }
-        if tls_client_cert:
+        if client_cert is not None:
             common["tls_certificates"] = [
                 {
-                    "certificate_chain": {"filename": str(tls.client_cert)},
-                    "private_key": {"filename": str(tls.client_key)},
+                    "certificate_chain": {"filename": str(client_cert[0])},
+                    "private_key": {"filename": str(client_cert[1])},
                 }
             ]
         c["transport_socket"] = {
@@ -268,13 +274,17 @@ def bootstrap(
 
 # ------------------------------------------------------------------------------------ HTTP filters
 def filter_local_ratelimit(
-    max_tokens: int, fill_interval: str = "60s", tokens_per_fill: int | None = None
+    max_tokens: int,
+    fill_interval: str = "60s",
+    tokens_per_fill: int | None = None,
+    stat_prefix: str = "http_local_rate_limiter",
 ) -> dict[str, Any]:
+    """Envoy's LocalRateLimit (stats ``<stat_prefix>.http_local_rate_limit.{ok,rate_limited,...}``)."""
     return {
         "name": "envoy.filters.http.local_ratelimit",
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-            "stat_prefix": "http_local_rate_limiter",
+            "stat_prefix": stat_prefix,
             "token_bucket": {
                 "max_tokens": max_tokens,
                 "tokens_per_fill": tokens_per_fill if tokens_per_fill is not None else max_tokens,

@@ -197,7 +197,7 @@ class H2Client:
             self._finish(ev.stream_id)
         elif isinstance(ev, h2.events.StreamReset):
             self._window_changed.set()  # wake a sender blocked on this stream's window
-            p = self._pending.pop(ev.stream_id, None)
+            p = self._pending.get(ev.stream_id)  # whoever awaits the stream removes it
             if p is not None and p.done is not None and not p.done.done():
                 p.done.set_exception(StreamResetError(ev.stream_id, int(ev.error_code or 0)))
         elif isinstance(ev, h2.events.WindowUpdated):
@@ -298,6 +298,39 @@ class H2Client:
             await p.done
         finally:
             self._pending.pop(sid, None)
+        return Response(p.status, p.headers, bytes(p.body), p.trailers)
+
+    # -------------------------------------------------------------- a stream driven step by step
+    def start_request(
+        self, method: str, path: str, headers: HeaderInput = (), *, authority: str | None = None
+    ) -> int:
+        """Send request headers without ending the stream; returns the stream id (see ``send_data``)."""
+        if self.closed.is_set():
+            raise ConnectionError("connection is closed")
+        sid = self.h2.get_next_available_stream_id()
+        self._pending[sid] = _Pending(done=asyncio.get_running_loop().create_future())
+        self.h2.send_headers(sid, self.request_headers(method, path, headers, authority), end_stream=False)
+        self._flush()
+        return sid
+
+    async def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        """Send body bytes on a stream from ``start_request`` (respecting flow control)."""
+        if data:
+            await self._send_body(sid, data, end_stream, p=self._pending.get(sid))
+        elif end_stream:
+            self.h2.end_stream(sid)
+            self._flush()
+
+    async def wait_response(self, sid: int, within: float = 10.0) -> Response:
+        """The response on a stream from ``start_request``. Raises StreamResetError, ConnectionError."""
+        p = self._pending.get(sid)
+        if p is None or p.done is None:
+            raise LookupError(f"stream {sid} is not pending (reset or already collected)")
+        try:
+            await asyncio.wait_for(asyncio.shield(p.done), within)
+        finally:
+            if p.done.done():
+                self._pending.pop(sid, None)
         return Response(p.status, p.headers, bytes(p.body), p.trailers)
 
     def __repr__(self) -> str:

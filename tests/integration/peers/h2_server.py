@@ -7,8 +7,8 @@ on the path (the query string is ignored for counting):
 ``/status/<code>``     answers ``<code>`` (body ``status <code>``)
 ``/delay/<ms>``        waits ``<ms>`` after the request ended, then the JSON echo
 ``/fail/<n>/<any>``    the first ``n`` requests to this exact path fail, later ones get the JSON echo;
-                       ``?mode=status`` (default, ``&status=503``) or ``?mode=reset`` (RST_STREAM,
-                       ``&code=2``)
+                       ``?mode=status`` (default, ``&status=503``), ``?mode=reset`` (RST_STREAM,
+                       ``&code=2``) or ``?mode=delay`` (answer 200 only after ``&ms=5000``)
 ``/reset``             resets the stream (``?code=`` the HTTP/2 error code, default 2 INTERNAL_ERROR;
                        7 is REFUSED_STREAM), without reading the body
 ``/slow-read``         reads the body at ``?rate=`` bytes per second (default 262144) by withholding
@@ -331,8 +331,12 @@ class _Conn:
             await self._respond(s, 200, self._json_echo(s), json_ct)
         elif head == "fail" and len(parts) > 1:
             if self.server.count(path) <= int(parts[1]):
-                if q.get("mode", "status") == "reset":
+                mode = q.get("mode", "status")
+                if mode == "reset":
                     self._reset(s, int(q.get("code", h2.errors.ErrorCodes.INTERNAL_ERROR)))
+                elif mode == "delay":
+                    await pause(int(q.get("ms", 5000)) / 1000.0)
+                    await self._respond(s, 200, self._json_echo(s), json_ct)
                 else:
                     code = int(q.get("status", 503))
                     await self._respond(s, code, f"failing on purpose: {code}".encode())
