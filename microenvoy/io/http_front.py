@@ -251,6 +251,7 @@ class ActiveStream:
         "_encode_resume",
         "_filters",
         "_idle_handle",
+        "_request_timer",
         "_last_activity",
         "_local",
         "_replay",
@@ -308,9 +309,14 @@ class ActiveStream:
         if early_data:
             front.stats.rq_early_data.inc()
         self._task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
         idle = front.config.stream_idle_timeout
         if idle > 0:
-            self._idle_handle = asyncio.get_running_loop().call_later(idle, self._check_idle)
+            self._idle_handle = loop.call_later(idle, self._check_idle)
+        self._request_timer: asyncio.TimerHandle | None = None
+        rt = front.config.request_timeout
+        if rt > 0 and not self.body.ended:
+            self._request_timer = loop.call_later(rt, self._on_request_timeout)
 
     def __repr__(self) -> str:
         return f"<ActiveStream {self.stream_id} {self.exchange!r}>"
@@ -351,6 +357,14 @@ class ActiveStream:
             self._local = reply
         if not self._task.done():
             self._task.cancel()
+
+    def _on_request_timeout(self) -> None:
+        """``request_timeout``: the whole request did not arrive in time (Envoy answers 408)."""
+        self._request_timer = None
+        if self.body.ended:
+            return
+        self.front.stats.rq_timeout.inc()
+        self._fail_local(_LocalReply(408, "request timeout", "request_overall_timeout"))
 
     def _check_idle(self) -> None:
         idle = self.front.config.stream_idle_timeout
@@ -805,6 +819,9 @@ class ActiveStream:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
         for f in self._filters:
             try:
                 f.on_destroy()
