@@ -29,7 +29,7 @@ MANY_HEADERS = [(f"x-h-{i}", "v") for i in range(150)]
 @pytest.fixture(scope="module")
 def bad(module_agent: Any, h2_server: H2Server, certs: CertBundle) -> Agent:
     routes = [
-        C.route("/small/", "h2", route_extra={"max_request_bytes": 1024}),
+        C.route("/small/", "h2", route_extra={"max_request_bytes": 1024, "prefix_rewrite": "/"}),
         C.route("/", "h2"),
     ]
     config = C.bootstrap(

@@ -146,11 +146,16 @@ def test_fault_delay(filters: Agent, h2_server: H2Server) -> None:
     filters.wait_stat("http.fault.fault.delays_injected", 1)
 
 
-def test_no_fault_without_header(filters: Agent) -> None:
-    start = time.monotonic()
-    r = get(filters, "fault", "/fault/none")
+def test_no_fault_without_header(filters: Agent, h2_server: H2Server) -> None:
+    delays, aborts = (
+        filters.stat("http.fault.fault.delays_injected"),
+        filters.stat("http.fault.fault.aborts_injected"),
+    )
+    r = get(filters, "fault", "/fault/none", [("x-fault", "something-else")])
     assert r.status == 200
-    assert time.monotonic() - start < 0.5
+    assert h2_server.count("/fault/none") == 1
+    assert filters.stat("http.fault.fault.delays_injected") == delays
+    assert filters.stat("http.fault.fault.aborts_injected") == aborts
 
 
 # ================================================================================== health_check

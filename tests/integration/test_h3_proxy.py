@@ -134,7 +134,7 @@ async def test_h3_concurrent_streams(edge: Agent, certs: CertBundle) -> None:
 
 async def test_h3_flow_control_slow_upstream(edge: Agent, certs: CertBundle, h2_server: H2Server) -> None:
     """A slow upstream slows the HTTP/3 client: the agent never grants far more credit than it forwarded."""
-    total, rate, bound = 8 * MIB, 8 * MIB, 3 * MIB
+    total, rate, bound = 4 * MIB, 8 * MIB, 2 * MIB  # without backpressure ~3.5 MiB would pile up
     path = "/slow-read/h3-flow"
     before = h2_server.progress(path)
     worst = 0

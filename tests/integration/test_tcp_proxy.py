@@ -59,7 +59,7 @@ def front(
             C.cluster("h2", h2_server.port, http2=True),
         ],
     )
-    return module_agent(config, name="front")
+    return module_agent(config, name="front", log_level="info")
 
 
 # ================================================================================== HTTP/1.1

@@ -390,6 +390,7 @@ class H2Server:
         self._thread: threading.Thread | None = None
         self._servers: list[asyncio.Server] = []
         self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._conns: set[_Conn] = set()
         self._startup_error: BaseException | None = None
 
     # ------------------------------------------------------------------ observations (any thread)
@@ -452,9 +453,12 @@ class H2Server:
         task = asyncio.current_task()
         assert task is not None
         self._conn_tasks.add(task)
+        conn = _Conn(self, reader, writer)
+        self._conns.add(conn)
         try:
-            await _Conn(self, reader, writer).run()
+            await conn.run()
         finally:
+            self._conns.discard(conn)
             self._conn_tasks.discard(task)
 
     async def _start(self) -> None:
@@ -489,11 +493,12 @@ class H2Server:
     async def _shutdown(self) -> None:
         for srv in self._servers:
             srv.close()
-        for task in list(self._conn_tasks):
-            task.cancel()
-        for task in list(self._conn_tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        # End connections by closing their sockets: their handler tasks then return normally (cancelling
+        # them would make asyncio's stream callback log an error for each).
+        for conn in list(self._conns):
+            conn.writer.transport.abort()
+        if self._conn_tasks:
+            await asyncio.wait(list(self._conn_tasks), timeout=5)
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
