@@ -16,11 +16,14 @@ upstream after one window of data (end-to-end backpressure, bounded memory).
 
 GOAWAY (section 6.8): streams with ids above ``last_stream_id`` "were not or will not be processed" and are
 reported as ``StreamReset`` with reason ``refused_stream`` (safe to retry); streams at or below it may still
-complete. h2 moves its state machine to CLOSED on GOAWAY and would reject their remaining frames, so the
-codec puts it back to CLIENT_OPEN and refuses new streams itself.
+complete. h2 moves its state machine to CLOSED on GOAWAY and would reject their remaining frames (even later
+frames of the same read), so the codec wraps h2's GOAWAY handler to put it back to CLIENT_OPEN (keeping the
+output h2 would discard) and refuses new streams itself.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -28,6 +31,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from microenvoy.config.model import Http2Options
 from microenvoy.core.errors import CodecError
@@ -97,6 +101,20 @@ class Http2ClientCodec:
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
             },
         )
+        # h2 moves to CLOSED on GOAWAY (and drops queued output), rejecting the frames of the streams the
+        # peer still finishes, even later in the same read. Wrap its GOAWAY handler to stay open for them.
+        table = self._conn._frame_dispatch_table
+        original = table[hyperframe.frame.GoAwayFrame]
+
+        def _goaway(frame: hyperframe.frame.GoAwayFrame) -> Any:
+            pending = bytes(self._conn._data_to_send)
+            result = original(frame)
+            self._conn._data_to_send[:0] = pending
+            if not self.closed:
+                self._conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+            return result
+
+        table[hyperframe.frame.GoAwayFrame] = _goaway
         self._connection_window = options.initial_connection_window_size
         self.default_scheme = default_scheme
         """``:scheme`` when a request lacks one (``https`` over TLS)."""
@@ -322,9 +340,6 @@ class Http2ClientCodec:
             if sid > last:
                 out.append(StreamReset(sid, REFUSED_STREAM, "refused_stream"))
                 self._open.discard(sid)
-        # Let streams <= last_stream_id finish: h2 went to CLOSED and would reject their frames.
-        if not self.closed:
-            self._conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         reason = (ev.additional_data or b"").decode("utf-8", "replace")
         out.append(ConnectionTerminated(code, reason or "goaway", last))
 

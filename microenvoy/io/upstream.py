@@ -37,7 +37,7 @@ import random as _random
 import socket
 import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from microenvoy.admin.stats import Counter, Gauge, Histogram, Scope, Store
 from microenvoy.codecs.upstream_http1 import Http1ClientCodec
@@ -496,8 +496,8 @@ class _ConnectionBase(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport: no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -46,9 +46,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["BIG_SIZE", "NginxServer", "big_body", "free_port", "make_test_pki", "nginx_available"]
+__all__ = [
+    "BIG_SIZE",
+    "CLIENT_URI",
+    "SERVER_URI",
+    "NginxServer",
+    "big_body",
+    "free_port",
+    "make_test_pki",
+    "nginx_available",
+]
 
 BIG_SIZE = 1024 * 1024 + 123
+SERVER_URI = "spiffe://microenvoy.test/upstream/nginx"
+"""URI SAN of the generated server certificate."""
+CLIENT_URI = "spiffe://microenvoy.test/device/upstream-client"
+"""URI SAN of the generated client certificate."""
 _STATUSES = (200, 201, 204, 301, 400, 403, 404, 429, 500, 502, 503, 504)
 
 
@@ -74,9 +87,10 @@ def big_body() -> bytes:
 
 
 def make_test_pki(directory: Path, names: tuple[str, ...] = ("localhost",)) -> dict[str, Path]:
-    """A CA and a server certificate signed by it (SANs: ``names``, 127.0.0.1, ::1 and a SPIFFE URI).
+    """A CA, a server certificate (SANs: ``names``, 127.0.0.1, ::1, ``SERVER_URI``) and a client certificate
+    (SANs: ``CLIENT_URI``, ``client.microenvoy.test``), ECDSA P-256, signed by the CA.
 
-    Returns paths ``ca``, ``cert`` (leaf + CA chain), ``key`` (mode 0600).
+    Returns paths ``ca``, ``cert`` (leaf + CA chain), ``key`` (mode 0600), ``client_cert``, ``client_key``.
     """
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
@@ -102,7 +116,7 @@ def make_test_pki(directory: Path, names: tuple[str, ...] = ("localhost",)) -> d
     sans += [
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),
-        x509.UniformResourceIdentifier("spiffe://microenvoy.test/upstream/nginx"),
+        x509.UniformResourceIdentifier(SERVER_URI),
     ]
     leaf = (
         x509.CertificateBuilder()
@@ -119,12 +133,36 @@ def make_test_pki(directory: Path, names: tuple[str, ...] = ("localhost",)) -> d
         )
         .sign(ca_key, hashes.SHA256())
     )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (
+        x509.CertificateBuilder()
+        .subject_name(name("upstream-client"))
+        .issuer_name(ca.subject)
+        .public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(CLIENT_URI), x509.DNSName("client.microenvoy.test")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     paths = {
         "ca": directory / "ca.pem",
         "cert": directory / "server-chain.pem",
         "key": directory / "server.key",
+        "client_cert": directory / "client.pem",
+        "client_key": directory / "client.key",
     }
+    paths["client_cert"].write_bytes(client.public_bytes(pem))
+    paths["client_key"].write_bytes(
+        client_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     paths["ca"].write_bytes(ca.public_bytes(pem))
     paths["cert"].write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
     paths["key"].write_bytes(
