@@ -705,6 +705,7 @@ class _H2Connection(_ConnectionBase):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.reserved = 0
         """Requests waiting for this connection to become ready."""
+        self.establishing: asyncio.Task[None] | None = None
         self._window_waiters: list[asyncio.Future[None]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -927,25 +928,53 @@ class _HostPool:
                     except CodecError as e:
                         raise UpstreamError("protocol-error", str(e)) from e
             pending = next(
-                (c for c in self.h2 if not c.ready.done() and c.reserved < _ASSUMED_H2_STREAMS),
+                (
+                    c
+                    for c in self.h2
+                    if c.establishing is not None
+                    and not c.establishing.done()
+                    and c.reserved < _ASSUMED_H2_STREAMS
+                ),
                 None,
             )
-            if pending is not None:
+            if pending is not None and pending.establishing is not None:
                 pending.reserved += 1
                 try:
-                    await asyncio.shield(pending.ready)
+                    await asyncio.shield(pending.establishing)
                 finally:
                     pending.reserved -= 1
                 continue
+            # Establish in a task of its own: a caller cancelled meanwhile (per-try timeout) must not leave
+            # a half-made connection that other requests wait on forever.
             conn = _H2Connection(self)
             self.h2.append(conn)
             conn.reserved += 1
+            task = conn.establishing = asyncio.get_running_loop().create_task(self._establish(conn))
+            task.add_done_callback(_retrieve)
             try:
-                await self._connect(conn)
-                await self._wait_ready(conn)
+                await asyncio.shield(task)
             finally:
                 conn.reserved -= 1
         raise UpstreamError("overflow", "no HTTP/2 stream capacity after opening connections")
+
+    async def _establish(self, conn: _H2Connection) -> None:
+        try:
+            await self._connect(conn)
+            await self._wait_ready(conn)
+        except UpstreamError as e:
+            if not conn.ready.done():
+                conn.ready.set_exception(e)
+                conn.ready.exception()  # retrieved: every waiter may have gone
+            conn.close(local=True)
+            self.remove(conn)
+            raise
+        except BaseException:
+            if not conn.ready.done():
+                conn.ready.set_exception(UpstreamError("connect-failure", "connection setup aborted"))
+                conn.ready.exception()
+            conn.close(local=True)
+            self.remove(conn)
+            raise
 
     async def _wait_ready(self, conn: _H2Connection) -> None:
         remaining = max(0.001, self.cluster.config.connect_timeout)
@@ -1021,10 +1050,6 @@ class _HostPool:
         self.cluster._stats.cx_connect_fail.inc()
         self.host.cx_connect_fail += 1
         conn.closed = True
-        if isinstance(conn, _H2Connection):
-            if not conn.ready.done():
-                conn.ready.set_exception(UpstreamError("connect-failure", "connect failed"))
-                conn.ready.exception()
         self.remove(conn)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -1053,6 +1078,8 @@ class _HostPool:
     def close_all(self) -> None:
         self.draining = True
         for c in list(self.idle) + list(self.busy) + list(self.h2):
+            if isinstance(c, _H2Connection) and c.establishing is not None and not c.establishing.done():
+                c.establishing.cancel()
             c.close(local=True)
 
     def __repr__(self) -> str:
@@ -1073,6 +1100,7 @@ class UpstreamCluster:
         self._stats = _ClusterStats(self.stats)
         self.lb: LoadBalancer = make_lb(config.lb_policy, random)
         self.hosts: list[Host] = []
+        self._host_set: frozenset[Host] = frozenset()
         self._pools: dict[Host, _HostPool] = {}
         self._old_pools: list[_HostPool] = []
         self._rq_active = 0
@@ -1100,6 +1128,7 @@ class UpstreamCluster:
                 if pool.connection_count:
                     self._old_pools.append(pool)
         self.hosts = list(hosts)
+        self._host_set = frozenset(self.hosts)
         self._update_membership()
 
     def _update_membership(self) -> None:
@@ -1132,6 +1161,8 @@ class UpstreamCluster:
         if pool is None:
             if self.draining:
                 raise UpstreamError("connect-failure", f"cluster {self.name} was removed")
+            if host not in self._host_set:
+                raise UpstreamError("connect-failure", f"{host.address_text} left cluster {self.name}")
             pool = self._pools[host] = _HostPool(self, host)
         return await pool.open_stream(headers, end_stream)
 
@@ -1259,6 +1290,12 @@ class UpstreamCluster:
         )
 
 
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a connection-setup task's outcome as seen (its waiters may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _host_stats(h: Host) -> list[tuple[str, int]]:
     return [
         ("cx_active", h.cx_active),
@@ -1377,15 +1414,15 @@ class ClusterManager:
                     self._start_dns(new[c.name])
         for name, old in self._clusters.items():
             if new.get(name) is not old:
+                if name not in new or new[name].config.type != "STRICT_DNS":
+                    task = self._dns_tasks.pop(name, None)  # (a replacing STRICT_DNS one cancelled it)
+                    if task is not None:
+                        task.cancel()
                 self._retire(old)
         self._clusters = new
         self._draining = [c for c in self._draining if c.connection_count]
 
     def _retire(self, cluster: UpstreamCluster) -> None:
-        task = self._dns_tasks.get(cluster.name)
-        if task is not None and self._clusters.get(cluster.name) is cluster:
-            task.cancel()
-            del self._dns_tasks[cluster.name]
         cluster.drain()
         if cluster.connection_count:
             self._draining.append(cluster)

@@ -793,6 +793,12 @@ async def test_silent_peer_h2_is_connect_timeout_and_h1_stays_pending(manager: A
         assert ei.value.kind == "connect-timeout"
         assert 0.25 < time.monotonic() - start < 3
         assert stat(store, "cluster.h2.upstream_cx_connect_timeout") == 1
+        # a caller cancelled while the connection is being set up does not leave a pending connection behind
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(fetch(cm.get("h2"), "/"), 0.05)
+        with pytest.raises(UpstreamError) as ei:
+            await asyncio.wait_for(fetch(cm.get("h2"), "/"), 5)
+        assert ei.value.kind == "connect-timeout"
         # HTTP/1.1: TCP connects, the response never comes; the caller's timeout observes it, reset cleans up
         cl = cm.get("h1")
         s = await cl.open_stream(cl.choose_host(), request("/"), end_stream=True)
