@@ -74,6 +74,7 @@ def test_h1_headers_over_60kib_get_431(bad: Agent, stats_delta: Any) -> None:
     request = f"GET /big-headers HTTP/1.1\r\nHost: x\r\n{name}: {value}\r\n\r\n".encode()
     data, _closed = raw_exchange("127.0.0.1", bad.port("tcp"), request)
     assert status_line(data).startswith(b"HTTP/1.1 431 ")
+    assert stats_delta("http.bad.downstream_rq_431") >= 1
     assert stats_delta("http.bad.downstream_rq_4xx") >= 1
 
 
@@ -81,6 +82,7 @@ def test_h1_too_many_headers_get_431(bad: Agent, stats_delta: Any) -> None:
     lines = "".join(f"{k}: {v}\r\n" for k, v in MANY_HEADERS)
     data, _ = raw_exchange("127.0.0.1", bad.port("tcp"), f"GET / HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
     assert status_line(data).startswith(b"HTTP/1.1 431 ")
+    assert stats_delta("http.bad.downstream_rq_431") >= 1
     assert stats_delta("http.bad.downstream_rq_4xx") >= 1
 
 
@@ -93,6 +95,7 @@ async def test_h2_headers_over_60kib_get_431(bad: Agent, stats_delta: Any, h2_se
     assert many.status == 431
     assert ok.status == 200
     assert h2_server.count("/h2-big-headers") == 0
+    assert stats_delta("http.bad.downstream_rq_431", 2) >= 2
     assert stats_delta("http.bad.downstream_rq_4xx", 2) >= 2
 
 
@@ -104,6 +107,7 @@ async def test_h3_headers_over_60kib_get_431(bad: Agent, certs: CertBundle, stat
     assert r.status == 431
     assert many.status == 431
     assert ok.status == 200
+    assert stats_delta("http.bad_h3.downstream_rq_431", 2) >= 2
     assert stats_delta("http.bad_h3.downstream_rq_4xx", 2) >= 2
 
 
@@ -115,6 +119,7 @@ def test_h1_body_over_route_limit_gets_413(bad: Agent, stats_delta: Any) -> None
     assert small.body == b"s" * 1000
     r = h1_request("127.0.0.1", bad.port("tcp"), "POST", "/small/echo", body=b"x" * 2048)
     assert r.status == 413
+    assert stats_delta("http.bad.downstream_rq_too_large") >= 1
     assert stats_delta("http.bad.downstream_rq_4xx") >= 1
 
 
@@ -128,6 +133,7 @@ async def test_h2_streamed_body_over_route_limit_gets_413(bad: Agent, stats_delt
         ok = await c.request("POST", "/small/echo", body=b"z" * 100)
     assert r.status == 413
     assert ok.status == 200
+    assert stats_delta("http.bad.downstream_rq_too_large") >= 1
     assert stats_delta("http.bad.downstream_rq_4xx") >= 1
 
 
@@ -147,6 +153,7 @@ def test_malformed_http1_gets_400_and_close(bad: Agent, stats_delta: Any, reques
     data, closed = raw_exchange("127.0.0.1", bad.port("tcp"), request_bytes)
     assert status_line(data).startswith(b"HTTP/1.1 400 ")
     assert closed
+    assert stats_delta("http.bad.downstream_rq_http1_invalid") >= 1
     assert stats_delta("http.bad.downstream_cx_protocol_error") >= 1
 
 

@@ -169,6 +169,7 @@ async def test_session_resumption(edge: Agent, certs: CertBundle) -> None:
         r = await c.request("GET", "/resumed")
         assert c.session_resumed is True
     assert r.status == 200
+    await edge.await_stat("http.h3.quic.session_resumed", 1)
 
 
 async def test_0rtt_get_served_post_too_early(edge: Agent, certs: CertBundle, h2_server: H2Server) -> None:
@@ -176,6 +177,7 @@ async def test_0rtt_get_served_post_too_early(edge: Agent, certs: CertBundle, h2
         assert (await c.request("GET", "/warmup")).status == 200
         ticket = await c.wait_session_ticket()
     gets, posts = h2_server.count("/early/get"), h2_server.count("/early/post")
+    too_early = edge.stat("http.h3.downstream_rq_too_early")
     async with client(edge, certs, session_ticket=ticket, early_data=True) as c:
         # both are written before the handshake completes, so they travel in 0-RTT packets
         get = c.open_stream("GET", "/early/get", end_stream=True)
@@ -188,7 +190,10 @@ async def test_0rtt_get_served_post_too_early(edge: Agent, certs: CertBundle, h2
     assert r_get.status == 200
     assert r_post.status == 425
     assert h2_server.count("/early/get") == gets + 1
+    assert h2_server.last("/early/get").header("early-data") == "1"  # RFC 8470 section 5.1
     assert h2_server.count("/early/post") == posts  # a non-idempotent 0-RTT request never goes upstream
+    await edge.await_stat("http.h3.downstream_rq_too_early", too_early + 1)
+    await edge.await_stat("http.h3.quic.early_data_accepted", 1)
 
 
 async def test_after_0rtt_post_is_served_once_handshake_completes(edge: Agent, certs: CertBundle) -> None:

@@ -274,7 +274,8 @@ class Agent:
         try:
             wait_for(check, timeout, message=f"stat {name}")
         except TimeoutError as exc:
-            near = {k: v for k, v in last.items() if name.rsplit(".", 1)[0] in k}
+            prefix = name.rsplit(".", 1)[0] + "."
+            near = dict(list({k: v for k, v in last.items() if k.startswith(prefix) and v}.items())[:25])
             raise TimeoutError(
                 f"stat {name}={last.get(name)} never satisfied the predicate; related: {near}"
             ) from exc
@@ -300,13 +301,15 @@ class Agent:
     def reload(
         self, config: dict[str, Any], *, expect_rejected: str | None = None, timeout: float = 15.0
     ) -> None:
-        """Rewrite the config file and send SIGHUP.
+        """Rewrite the config file and send SIGHUP; return once the outcome is visible.
 
-        By default wait until ``/config_dump`` shows the new file (its generation marker in node.metadata).
-        With ``expect_rejected=TEXT`` wait instead until the agent logs TEXT (the validation error), then
-        check the old config is still the live one.
+        By default wait until ``server.reload_success`` grew and ``/config_dump`` shows the new file (its
+        generation marker in node.metadata). With ``expect_rejected=TEXT`` wait instead until
+        ``server.reload_rejected`` grew and the agent logged TEXT (the validation error), then check that the
+        old config is still the live one.
         """
         old_generation = self.generation
+        before = self.stats()
         log_mark = self.log_marks()
         marker = self._write_config(config)
         self.signal(signal.SIGHUP)
@@ -316,10 +319,12 @@ class Agent:
                 timeout,
                 message=f"{self.name}: reload to {marker} visible in /config_dump",
             )
+            self.wait_stat("server.reload_success", before.get("server.reload_success", 0) + 1, timeout)
             self.generation = marker
             self.config = copy.deepcopy(config)
             self._ports.clear()
         else:
+            self.wait_stat("server.reload_rejected", before.get("server.reload_rejected", 0) + 1, timeout)
 
             def logged() -> bool:
                 self._check_alive()

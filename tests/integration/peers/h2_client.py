@@ -314,12 +314,21 @@ class H2Client:
         return sid
 
     async def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
-        """Send body bytes on a stream from ``start_request`` (respecting flow control)."""
-        if data:
-            await self._send_body(sid, data, end_stream, p=self._pending.get(sid))
-        elif end_stream:
-            self.h2.end_stream(sid)
-            self._flush()
+        """Send body bytes on a stream from ``start_request`` (respecting flow control).
+
+        Does nothing once the peer answered or reset the stream (``wait_response`` reports the outcome).
+        """
+        p = self._pending.get(sid)
+        if p is not None and p.done is not None and p.done.done():
+            return
+        try:
+            if data:
+                await self._send_body(sid, data, end_stream, p=p)
+            elif end_stream:
+                self.h2.end_stream(sid)
+                self._flush()
+        except h2.exceptions.StreamClosedError:
+            pass
 
     async def wait_response(self, sid: int, within: float = 10.0) -> Response:
         """The response on a stream from ``start_request``. Raises StreamResetError, ConnectionError."""
