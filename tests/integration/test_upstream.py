@@ -926,3 +926,22 @@ async def test_update_drains_busy_connection_after_its_request(h2server: Any, ma
     srv.release()
     assert (await task)[:2] == (200, b"released")
     await wait_until(lambda: old.connection_count == 0, what="drained after the request")
+
+
+async def test_response_complete_only_when_nothing_is_left_to_read(
+    h2server: Any, nginx: NginxServer, manager: Any
+) -> None:
+    srv = await h2server()
+    cm = manager(cluster("h2", srv.port, http2=True), cluster("h1", nginx.port))
+    for name, path in (("h2", "/ok"), ("h1", "/hello")):
+        cl = cm.get(name)
+        s = await cl.open_stream(cl.choose_host(), request(path), end_stream=True)
+        await s.read_headers()
+        await wait_until(lambda s=s: s._response_ended, what="response end")
+        assert not s.response_complete  # the body is buffered, not read yet
+        assert await s.read_body()
+        assert await s.read_body() is None
+        assert s.response_complete
+    s = await cm.get("h1").open_stream(cm.get("h1").choose_host(), request("/status/204"), end_stream=True)
+    await s.read_headers()
+    assert s.response_complete
