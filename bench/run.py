@@ -1,0 +1,590 @@
+"""The HTTP/3 benchmark, three-way, in one run: bare aioquic vs microenvoy vs Caddy.
+
+    .venv/bin/python bench/run.py [--duration 15] [--warmup 3] [-c 4 -m 8] [--markdown out.md]
+
+Targets, measured one after the other with the same load (``bench/h3load.py``: ``-c`` connections x
+``-m`` concurrent streams, GET ``/``):
+
+* ``bare aioquic``: ``bench/bare_h3_server.py``, 200 with a fixed 25-byte body (the limit);
+* ``microenvoy``: ``python -m microenvoy run`` (uvloop, ``--log-level warning``), HTTP/3 listener ->
+  router -> h2c cluster -> nginx;
+* ``caddy``: Caddy's HTTP/3 server (``tls internal``) with ``reverse_proxy h2c://`` -> nginx.
+
+nginx (one process: ``master_process off``) answers ``return 200`` with the same body on an h2c listener.
+Before each measurement one probe request checks that the target answers over HTTP/3 (ALPN ``h3``) with
+nginx's body. CPU per request is read from ``/proc/PID/stat`` at the edges of the measured window: the
+server process (agent / Caddy / bare server) and nginx, separately. The generator's own CPU is reported too.
+
+Everything runs on 127.0.0.1: the agent and the bare server bind port 0 (ports are read back); nginx and
+Caddy get free ports picked by binding port 0. Every child is killed when this script exits, also on Ctrl-C
+or an error (and, through PR_SET_PDEATHSIG, if the script itself is killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(ROOT))
+
+import h3load  # noqa: E402
+
+from microenvoy.demo import self_signed_certificate  # noqa: E402
+
+__all__ = ["Bench", "main", "markdown_table"]
+
+BODY = b"hello from the benchmark\n"  # bare_h3_server.BODY; nginx returns the same bytes
+TARGETS = ("bare", "microenvoy", "caddy")
+_T = "type.googleapis.com/envoy.extensions."
+LABELS = {
+    "bare": "bare aioquic (limit)",
+    "microenvoy": "microenvoy → h2c → nginx",
+    "caddy": "Caddy → h2c → nginx",
+}
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when this script dies (Linux prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 for both TCP and UDP a moment ago."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", 0))
+            port = int(t.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
+    """Poll ``cond`` until true; fail early if ``proc`` exits, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout} s")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+
+
+@dataclass
+class Bench:
+    """One benchmark run: a temp dir, the child processes, the results."""
+
+    args: argparse.Namespace
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="microenvoy-bench-")))
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    nginx_port: int = 0
+    cert: str = ""
+    key: str = ""
+
+    def __repr__(self) -> str:
+        return f"<Bench tmp={self.tmp} running={sorted(self.procs)}>"
+
+    # -- processes --------------------------------------------------------------------------------
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "wb")  # the child owns it
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=self.tmp, preexec_fn=_die_with_parent)  # fmt: skip
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        if not self.args.keep_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            text = (self.tmp / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- nginx ------------------------------------------------------------------------------------
+    def start_nginx(self) -> int:
+        r = self.tmp / "nginx"
+        for sub in ("logs", "tmp"):
+            (r / sub).mkdir(parents=True, exist_ok=True)
+        self.nginx_port = free_port()
+        body = BODY.decode().replace("\n", "\\n")
+        conf = r / "nginx.conf"
+        conf.write_text(f"""
+pid {r}/nginx.pid;
+error_log {r}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {r}/tmp/body;
+    proxy_temp_path {r}/tmp/proxy;
+    fastcgi_temp_path {r}/tmp/fastcgi;
+    uwsgi_temp_path {r}/tmp/uwsgi;
+    scgi_temp_path {r}/tmp/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    client_max_body_size 64m;
+    server {{
+        listen 127.0.0.1:{self.nginx_port} http2;
+        location / {{ default_type text/plain; return 200 "{body}"; }}
+    }}
+}}
+""")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        proc = self.spawn("nginx", [nginx, "-p", str(r), "-c", str(conf), "-e", str(r / "logs/error.log"),
+                                    "-g", "daemon off; master_process off;"])  # fmt: skip
+
+        def listening() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.nginx_port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(listening, 10, "nginx", proc)
+        return proc.pid
+
+    # -- targets ----------------------------------------------------------------------------------
+    def start_bare(self) -> tuple[int, int]:
+        port_file = self.tmp / "bare.port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, str(HERE / "bare_h3_server.py"), "--port-file", str(port_file),
+               "--cert", self.cert, "--key", self.key]  # fmt: skip
+        proc = self.spawn("bare", cmd)
+        wait_for(port_file.exists, 20, "bare aioquic server", proc)
+        return proc.pid, int(port_file.read_text())
+
+    def microenvoy_config(self) -> dict[str, Any]:
+        tls = {
+            "common_tls_context": {
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": self.cert}, "private_key": {"filename": self.key}}
+                ]
+            }
+        }
+        hcm = {
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                ".HttpConnectionManager",
+                "stat_prefix": "bench_h3",
+                "codec_type": "HTTP3",
+                "route_config": {
+                    "name": "bench",
+                    "virtual_hosts": [
+                        {
+                            "name": "bench",
+                            "domains": ["*"],
+                            "routes": [
+                                {"match": {"prefix": "/"}, "route": {"cluster": "nginx", "timeout": "15s"}}
+                            ],
+                        }
+                    ],
+                },
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                        },
+                    }
+                ],
+            },
+        }
+        endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.nginx_port}}}
+        return {
+            "node": {"id": "bench", "cluster": "bench"},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {
+                "listeners": [
+                    {
+                        "name": "h3",
+                        "address": {
+                            "socket_address": {"address": "127.0.0.1", "port_value": 0, "protocol": "UDP"}
+                        },
+                        "udp_listener_config": {"quic_options": {}},
+                        "filter_chains": [
+                            {
+                                "filters": [hcm],
+                                "transport_socket": {
+                                    "name": "envoy.transport_sockets.quic",
+                                    "typed_config": {
+                                        "@type": _T + "transport_sockets.quic.v3.QuicDownstreamTransport",
+                                        "downstream_tls_context": tls,
+                                    },
+                                },
+                            }
+                        ],
+                    }
+                ],
+                "clusters": [
+                    {
+                        "name": "nginx",
+                        "type": "STATIC",
+                        "connect_timeout": "1s",
+                        "lb_policy": "ROUND_ROBIN",
+                        "typed_extension_protocol_options": {
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                                "@type": _T + "upstreams.http.v3.HttpProtocolOptions",
+                                "explicit_http_config": {"http2_protocol_options": {}},
+                            }
+                        },
+                        "load_assignment": {
+                            "cluster_name": "nginx",
+                            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+                        },
+                    }
+                ],
+            },
+        }
+
+    def start_microenvoy(self) -> tuple[int, int]:
+        conf = self.tmp / "microenvoy.json"
+        conf.write_text(json.dumps(self.microenvoy_config(), indent=2))
+        addr_file = self.tmp / "microenvoy.admin"
+        addr_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "microenvoy", "run", "-c", str(conf), "--admin-address-path",
+               str(addr_file), "--log-level", self.args.agent_log_level]  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        proc = self.spawn("microenvoy", cmd, env=env)
+        wait_for(lambda: addr_file.exists() and addr_file.stat().st_size > 0, 20, "microenvoy admin", proc)
+        admin = addr_file.read_text().strip()
+        with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=5) as resp:
+            doc = json.load(resp)
+        ports = {
+            s["name"]: s["local_address"]["socket_address"]["port_value"] for s in doc["listener_statuses"]
+        }
+        return proc.pid, int(ports["h3"])
+
+    def start_caddy(self) -> tuple[int, int]:
+        caddy = shutil.which("caddy")
+        if caddy is None:
+            raise RuntimeError("caddy is not installed")
+        port = free_port()
+        home = self.tmp / "caddy-home"
+        home.mkdir(exist_ok=True)
+        caddyfile = self.tmp / "Caddyfile"
+        caddyfile.write_text(f"""{{
+	admin off
+	auto_https disable_redirects
+	skip_install_trust
+	storage file_system {home}/storage
+	servers {{
+		protocols h1 h2 h3
+	}}
+}}
+
+https://127.0.0.1:{port} {{
+	bind 127.0.0.1
+	tls internal
+	reverse_proxy h2c://127.0.0.1:{self.nginx_port}
+}}
+""")
+        env = dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home / "data"),
+                   XDG_CONFIG_HOME=str(home / "config"))  # fmt: skip
+        proc = self.spawn(
+            "caddy", [caddy, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], env=env
+        )
+        return proc.pid, port
+
+    # -- measuring --------------------------------------------------------------------------------
+    def check_h3(self, name: str, port: int) -> h3load.ProbeResult:
+        """Wait (bounded) until one HTTP/3 GET through ``name`` returns 200 with the expected body."""
+        url = f"https://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 20
+        last: str = ""
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
+            try:
+                res: h3load.ProbeResult = _run_coro(h3load.probe(url, 2.0))
+            except Exception as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.procs[name].wait(timeout=0.2)
+                continue
+            if res.alpn != "h3" or res.status != 200 or res.body != BODY:
+                raise RuntimeError(f"{name}: unexpected probe answer {res}")
+            return res
+        raise TimeoutError(f"{name}: no HTTP/3 answer on {url} ({last}); log:\n{self.log_tail(name)}")
+
+    def measure(self, name: str, server_pid: int, port: int) -> dict[str, Any]:
+        a = self.args
+        cmd = [sys.executable, str(HERE / "h3load.py"), f"https://127.0.0.1:{port}{a.path}",
+               "-c", str(a.connections), "-m", str(a.streams), "-d", str(a.duration), "-w", str(a.warmup),
+               "-p", str(a.processes), "--json", "--watch-pid", f"server={server_pid}"]  # fmt: skip
+        if a.body_size:
+            cmd += ["--body-size", str(a.body_size)]
+        if name != "bare":
+            cmd += ["--watch-pid", f"nginx={self.procs['nginx'].pid}"]
+        spy = None
+        if a.py_spy and name in ("microenvoy", "bare"):
+            # Sample the server for the warm-up + window (raw = collapsed stacks, one line per stack).
+            seconds = str(int(a.warmup + a.duration + 2))
+            spy_cmd = [a.py_spy_bin, "record", "-p", str(server_pid), "-r", "250", "--nonblocking",
+                       "-d", seconds, "-f", "raw", "-o", f"{a.py_spy}.{name}.txt"]  # fmt: skip
+            spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   preexec_fn=_die_with_parent)  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, timeout=a.warmup + a.duration + 120, check=False)
+        if spy is not None:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        if not out.stdout.strip():
+            raise RuntimeError(f"h3load failed on {name}: {out.stderr.decode(errors='replace')[-2000:]}")
+        rep: dict[str, Any] = json.loads(out.stdout)
+        return rep
+
+    def run_target(self, name: str) -> dict[str, Any]:
+        start = {"bare": self.start_bare, "microenvoy": self.start_microenvoy, "caddy": self.start_caddy}[
+            name
+        ]
+        try:
+            pid, port = start()
+            probe = self.check_h3(name, port)
+            server_hdr = next((v for k, v in probe.headers if k == "server"), "?")
+            print(f"  {name}: pid {pid}, udp port {port}, probe OK (h3, server: {server_hdr})", flush=True)
+            rep = self.measure(name, pid, port)
+        finally:
+            self.stop(name)
+        print("    " + h3load.format_report(rep).replace("\n", "\n    "), flush=True)
+        return rep
+
+
+def _run_coro(coro: Any) -> Any:
+    import asyncio
+
+    def quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # A probe that times out during the handshake leaves aioquic's connected-waiter failing later.
+        if not isinstance(context.get("exception"), ConnectionError):
+            loop.default_exception_handler(context)
+
+    async def run() -> Any:
+        asyncio.get_running_loop().set_exception_handler(quiet)
+        return await coro
+
+    return asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------------------------- report
+def machine_info() -> dict[str, str]:
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    def tool(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
+        except OSError:
+            return "not installed"
+        return (out.stdout + out.stderr).decode(errors="replace").strip().splitlines()[0]
+
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aioquic": version("aioquic"),
+        "uvloop": version("uvloop"),
+        "h2": version("h2"),
+        "nginx": tool([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
+        "caddy": tool(["caddy", "version"]),
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+def _median_rep(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median req/s (the table shows real rounds, not averaged numbers)."""
+    ordered = sorted(reps, key=lambda r: r["rps"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def markdown_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """The results as a markdown table (one row per target; the median round if there were several)."""
+    bare = _median_rep(results["bare"])["rps"] if results.get("bare") else None
+    rows = [
+        "| target | req/s | p50 ms | p99 ms | errors | server CPU µs/req | nginx CPU µs/req "
+        "| server CPU % | generator CPU % | datagrams/req rx, tx | req/s vs bare aioquic |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in TARGETS:
+        if not results.get(name):
+            continue
+        r = _median_rep(results[name])
+        srv = r["watched"]["server"]
+        ngx = r["watched"].get("nginx")
+        ratio = f"{r['rps'] / bare * 100:.0f} %" if bare else "n/a"
+        ngx_us = f"{ngx['cpu_us_per_req']:.0f}" if ngx else "-"
+        rows.append(
+            f"| {LABELS[name]} | {r['rps']:.0f} | {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f}"
+            f" | {r['errors']} | {srv['cpu_us_per_req']:.0f} | {ngx_us}"
+            f" | {srv['cpu_pct']:.0f} | {r['generator']['cpu_pct']:.0f}"
+            f" | {r['datagrams_per_req']['in']:.2f}, {r['datagrams_per_req']['out']:.2f} | {ratio} |"
+        )
+    rounds = max(len(v) for v in results.values()) if results else 0
+    if rounds > 1:
+        rows += ["", "req/s of every round (the table above shows each target's median round):", ""]
+        rows += ["| target | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " |",
+                 "|---|" + "---:|" * rounds]  # fmt: skip
+        for name in TARGETS:
+            if results.get(name):
+                rows.append(
+                    f"| {LABELS[name]} | " + " | ".join(f"{r['rps']:.0f}" for r in results[name]) + " |"
+                )
+    return "\n".join(rows)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        v = cast(value)
+        if v <= 0:
+            raise argparse.ArgumentTypeError("must be > 0")
+        return v
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "-d", "--duration", type=_positive(float), default=15.0, help="measured seconds per target"
+    )
+    p.add_argument("-w", "--warmup", type=float, default=3.0, help="warm-up seconds per target")
+    p.add_argument("-c", "--connections", type=_positive(int), default=4)
+    p.add_argument(
+        "-m", "--streams", type=_positive(int), default=8, help="concurrent streams per connection"
+    )
+    p.add_argument("-p", "--processes", type=_positive(int), default=1, help="load generator processes")
+    p.add_argument("--path", default="/")
+    p.add_argument("--body-size", type=int, default=0, help="POST bodies of this size instead of GET")
+    p.add_argument(
+        "--targets", default=",".join(TARGETS), help="comma-separated subset of " + ",".join(TARGETS)
+    )
+    p.add_argument(
+        "--rounds",
+        type=_positive(int),
+        default=1,
+        help="measure every target this many times, interleaved; the table shows the median round",
+    )
+    p.add_argument("--agent-log-level", default="warning")
+    p.add_argument("--markdown", help="also write the table (with machine info) to this file")
+    p.add_argument("--json", dest="json_out", help="write every raw report to this file")
+    p.add_argument(
+        "--py-spy",
+        metavar="PREFIX",
+        help="profile the agent and the bare server with py-spy: PREFIX.<target>.txt (collapsed stacks)",
+    )
+    p.add_argument("--py-spy-bin", default=str(Path(sys.executable).parent / "py-spy"))
+    p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")  # fmt: skip
+    args = p.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if unknown := set(targets) - set(TARGETS):
+        p.error(f"unknown targets: {sorted(unknown)}")
+    signal.signal(signal.SIGTERM, _interrupt)
+    bench = Bench(args)
+    info = machine_info()
+    cmdline = " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"$ {cmdline}")
+    for k, v in info.items():
+        print(f"  {k:<8} {v}")
+    concurrency = args.connections * args.streams
+    print(
+        f"load: {args.connections} connections x {args.streams} streams = {concurrency} concurrent streams,"
+        f" {args.warmup:g} s warm-up + {args.duration:g} s measured per target, tmp {bench.tmp}",
+        flush=True,
+    )
+    results: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+    try:
+        bench.cert, bench.key = self_signed_certificate(str(bench.tmp))
+        if {"microenvoy", "caddy"} & set(targets):
+            print(f"  nginx: pid {bench.start_nginx()}, h2c port {bench.nginx_port}", flush=True)
+        for rnd in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {rnd + 1}/{args.rounds}", flush=True)
+            for name in targets:
+                results[name].append(bench.run_target(name))
+    except KeyboardInterrupt:
+        print("interrupted; stopping every process", file=sys.stderr)
+        return 130
+    finally:
+        if "nginx" in bench.procs and bench.procs["nginx"].poll() is not None:
+            print(f"nginx died: {bench.log_tail('nginx')}", file=sys.stderr)
+        bench.close()
+    table = markdown_table(results)
+    if results.get("bare") and results.get("microenvoy"):
+        ratio = _median_rep(results["microenvoy"])["rps"] / _median_rep(results["bare"])["rps"]
+        verdict = "met" if ratio >= 0.6 else "NOT met"
+        table += (
+            f"\n\nmicroenvoy / bare aioquic = {ratio * 100:.0f} % of req/s"
+            f" at {concurrency} concurrent streams (goal >= 60 %: {verdict})"
+        )
+    print()
+    print(table)
+    if args.markdown:
+        lines = [f"Command: `{cmdline}`", "", *(f"- {k}: {v}" for k, v in info.items()), "", table, ""]
+        Path(args.markdown).write_text("\n".join(lines))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"machine": info, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
