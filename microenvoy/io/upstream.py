@@ -80,6 +80,8 @@ _DNS_FIRST_ROUND_TIMEOUT = 5.0
 _ASSUMED_H2_STREAMS = 100
 """Requests allowed to wait for one HTTP/2 connection still being set up (before its SETTINGS say more)."""
 _CLOSE_GRACE = 1.0
+_MAX_REISSUE = 2
+"""Times a refused headers-only HTTP/2 request is sent again before ``refused-stream`` reaches the caller."""
 
 KINDS = ("connect-failure", "connect-timeout", "reset", "refused-stream", "overflow", "protocol-error")
 
@@ -119,6 +121,7 @@ class _ClusterStats:
         self.rq_rx_reset: Counter = c("upstream_rq_rx_reset")
         self.rq_tx_reset: Counter = c("upstream_rq_tx_reset")
         self.rq_pending_overflow: Counter = c("upstream_rq_pending_overflow")
+        self.rq_reissued: Counter = c("upstream_rq_refused_reissued")
         self.rq_time: Histogram = scope.histogram("upstream_rq_time")
         self.membership_total: Gauge = g("membership_total")
         self.membership_healthy: Gauge = g("membership_healthy")
@@ -383,13 +386,48 @@ class _H1Stream(UpstreamStream):
 
 
 class _H2Stream(UpstreamStream):
-    __slots__ = ("_conn", "_reset_sent", "_unacked")
+    __slots__ = ("_conn", "_reissued", "_replay", "_reset_sent", "_unacked")
 
     def __init__(self, cluster: UpstreamCluster, host: Host, conn: _H2Connection, stream_id: int) -> None:
         super().__init__(cluster, host, stream_id)
         self._conn = conn
         self._reset_sent = False
         self._unacked = 0
+        self._replay: Headers | None = None
+        """A headers-only request, kept so a refused (never processed) stream can be sent again."""
+        self._reissued = 0
+
+    def _can_reissue(self) -> bool:
+        return (
+            self._replay is not None
+            and self._reissued < _MAX_REISSUE
+            and self._headers is None
+            and self._error is None
+            and not self._reset_sent
+        )
+
+    async def _reissue(self) -> None:
+        """Send a refused headers-only request again on a connection that takes it (RFC 9113 8.7)."""
+        assert self._replay is not None
+        self._reissued += 1
+        pool = self._conn.pool
+        try:
+            conn = await pool._h2_connection()
+            if self._reset_sent:
+                return
+            sid = conn.codec.send_headers(self._replay, end_stream=True)
+        except UpstreamError as e:
+            self._fail(e)
+            return
+        except CodecError as e:
+            self._fail(UpstreamError("protocol-error", str(e)))
+            return
+        self._cluster._stats.rq_reissued.inc()
+        self._conn = conn
+        self.stream_id = sid
+        conn.cancel_idle_timer()
+        conn.streams[sid] = self
+        conn.flush()
 
     def _on_data(self, data: bytes, flow: int, end_stream: bool) -> None:
         self._unacked += flow
@@ -747,6 +785,13 @@ class _H2Connection(_ConnectionBase):
         elif isinstance(ev, StreamReset):
             s = self.streams.pop(ev.stream_id, None)
             if s is not None:
+                if ev.reason == "refused_stream" and s._can_reissue():
+                    # Never processed (REFUSED_STREAM or beyond a GOAWAY): a headers-only request is sent
+                    # again transparently, as a refused stream is always safe to retry.
+                    task = asyncio.get_running_loop().create_task(s._reissue())
+                    task.add_done_callback(_retrieve)
+                    self._maybe_idle()
+                    return
                 if ev.reason == "refused_stream":
                     err = UpstreamError("refused-stream", f"stream refused (code {ev.error_code})")
                 else:
@@ -836,6 +881,8 @@ class _H2Connection(_ConnectionBase):
         sid = self.codec.send_headers(headers, end_stream)
         stream = _H2Stream(cluster, self.pool.host, self, sid)
         stream._request_ended = end_stream
+        if end_stream:
+            stream._replay = headers
         self.streams[sid] = stream
         self.flush()
         return stream
@@ -920,13 +967,18 @@ class _HostPool:
 
     # -- HTTP/2 ----------------------------------------------------------------------------------
     async def _open_h2(self, headers: Headers, end_stream: bool) -> UpstreamStream:
+        conn = await self._h2_connection()
+        try:
+            return conn.start(self.cluster, headers, end_stream)
+        except CodecError as e:
+            raise UpstreamError("protocol-error", str(e)) from e
+
+    async def _h2_connection(self) -> _H2Connection:
+        """A connection with a free stream slot now (waiting for or opening one as needed)."""
         for _ in range(8):
             for conn in self.h2:
                 if conn.usable:
-                    try:
-                        return conn.start(self.cluster, headers, end_stream)
-                    except CodecError as e:
-                        raise UpstreamError("protocol-error", str(e)) from e
+                    return conn
             pending = next(
                 (
                     c

@@ -140,8 +140,9 @@ class H2TestServer:
     """An asyncio HTTP/2 server with scripted behaviour per path.
 
     ``/echo`` body echo (+ the request's trailers and ``x-server-trailer`` back); ``/hold`` waits for
-    ``release()``; ``/refuse`` RST_STREAM REFUSED_STREAM; ``/reset`` RST_STREAM INTERNAL_ERROR; ``/goaway``
-    GOAWAY with last_stream_id = this stream - 2 (earlier streams still finish); ``/big/<n>`` n bytes under
+    ``release()``; ``/refuse`` RST_STREAM REFUSED_STREAM (``/refuse-once``: only the first time); ``/reset``
+    RST_STREAM INTERNAL_ERROR; ``/goaway`` GOAWAY with last_stream_id = this stream - 2, at least 0 (earlier
+    streams still finish); ``/big/<n>`` n bytes under
     flow control; ``/drop`` headers + some data then the TCP connection is cut; ``/slow`` does not hand
     back flow-control credit for the request body until ``release_slow`` is set; anything else 200 ``ok``.
     """
@@ -156,6 +157,7 @@ class H2TestServer:
         self.big_sent: dict[int, int] = {}
         self.release_slow = asyncio.Event()
         self.slow_received = 0
+        self.refused_once = False
         self.peer_sans: list[tuple[str, ...]] = []
         self._server: asyncio.Server | None = None
         self._protos: list[Any] = []
@@ -232,12 +234,13 @@ class _H2ServerProto(asyncio.Protocol):
             path = dict(ev.headers)[b":path"].decode()
             self.paths[sid] = path
             self.bodies[sid] = bytearray()
-            if path == "/refuse":
+            if path == "/refuse" or (path == "/refuse-once" and not self.server.refused_once):
+                self.server.refused_once = path == "/refuse-once"
                 self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             elif path == "/reset":
                 self.conn.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
             elif path == "/goaway":
-                self.conn.close_connection(last_stream_id=sid - 2)
+                self.conn.close_connection(last_stream_id=max(0, sid - 2))
                 # h2 refuses to send anything after its own GOAWAY; real servers finish earlier streams.
                 self.conn.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
             elif ev.stream_ended is not None:
@@ -584,15 +587,22 @@ async def test_refused_stream_and_reset_kinds(h2server: Any, manager: Any) -> No
     with pytest.raises(UpstreamError) as ei:
         await fetch(cl, "/refuse")
     assert ei.value.kind == "refused-stream"
+    assert stat(store, "cluster.h2.upstream_rq_refused_reissued") == 2  # sent 3 times in all
+    with pytest.raises(UpstreamError) as ei:
+        await fetch(cl, "/refuse", "POST", b"body")  # a request with a body is never re-sent by the pool
+    assert ei.value.kind == "refused-stream"
+    assert stat(store, "cluster.h2.upstream_rq_refused_reissued") == 2
     with pytest.raises(UpstreamError) as ei:
         await fetch(cl, "/reset")
     assert ei.value.kind == "reset"
-    assert stat(store, "cluster.h2.upstream_rq_rx_reset") == 2
+    assert stat(store, "cluster.h2.upstream_rq_rx_reset") == 3
+    assert (await fetch(cl, "/refuse-once"))[:2] == (200, b"ok")  # refused once, re-sent transparently
+    assert stat(store, "cluster.h2.upstream_rq_refused_reissued") == 3
     assert (await fetch(cl, "/ok"))[0] == 200  # the connection survived stream errors
     assert stat(store, "cluster.h2.upstream_cx_total") == 1
     host = cl.choose_host()
     assert host is not None
-    assert host.rq_error == 2
+    assert host.rq_error == 3
 
 
 async def test_goaway_refuses_unprocessed_streams_and_finishes_earlier_ones(
@@ -605,13 +615,18 @@ async def test_goaway_refuses_unprocessed_streams_and_finishes_earlier_ones(
     held = asyncio.create_task(fetch(cl, "/hold"))  # stream 1
     await wait_until(lambda: len(srv.held) == 1, what="held")
     with pytest.raises(UpstreamError) as ei:
-        await fetch(cl, "/goaway")  # stream 3: GOAWAY(last_stream_id=1)
+        await fetch(cl, "/goaway", "POST", b"x")  # stream 3: GOAWAY(last_stream_id=1)
     assert ei.value.kind == "refused-stream"
     srv.release()
     assert (await held)[:2] == (200, b"released")
     # the draining connection is closed; a new request opens a new one
     assert (await fetch(cl, "/ok"))[0] == 200
     assert srv.connections == 2
+    # a headers-only request beyond the GOAWAY is re-sent on a new connection (here it meets GOAWAY again)
+    with pytest.raises(UpstreamError) as ei:
+        await fetch(cl, "/goaway")
+    assert ei.value.kind == "refused-stream"
+    assert stat(store, "cluster.h2.upstream_rq_refused_reissued") == 2
 
 
 async def test_trailers_both_ways_and_request_flow_control(h2server: Any, manager: Any) -> None:
