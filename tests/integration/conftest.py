@@ -23,7 +23,7 @@ if str(_HERE) not in sys.path:  # `peers` and `nginx` import the same whether or
     sys.path.insert(0, str(_HERE))
 
 from nginx import NginxServer  # noqa: E402
-from peers.agent import LIVE_AGENTS, Agent  # noqa: E402  # needs the sys.path entry above
+from peers.agent import LIVE_AGENTS, Agent, AgentError  # noqa: E402  # needs the sys.path entry above
 from peers.certs import CertBundle, make_certs  # noqa: E402
 from peers.grpc_server import GrpcEchoServer  # noqa: E402
 from peers.h2_server import H2Server  # noqa: E402
@@ -82,8 +82,13 @@ def _factory(workdir: Callable[[str], Path]) -> Iterator[AgentFactory]:
         return agent.start()
 
     yield make
+    unclean = []
     for agent in started:
-        agent.stop()
+        rc = agent.stop()
+        if agent.ready and rc not in (0, None):
+            unclean.append(f"{agent.name} exited with {rc}:\n{agent.log_tail(30)}")
+    if unclean:  # SIGTERM must drain and exit 0 (docs/operations.md); a crash must not go unnoticed
+        raise AgentError("agent did not exit cleanly on SIGTERM:\n" + "\n".join(unclean))
 
 
 @pytest.fixture

@@ -76,6 +76,8 @@ class Agent:
         self.admin_host = ""
         self.admin_port = 0
         self.generation = ""
+        self.ready = False
+        """True once ``start()`` saw ``GET /ready`` answer 200."""
         self._ports: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -144,6 +146,7 @@ class Agent:
             raise AgentError(
                 f"{self.name} did not become ready: {exc}\n--- agent log tail ---\n{tail}"
             ) from exc
+        self.ready = True
         return self
 
     def _check_alive(self) -> bool:
