@@ -308,3 +308,28 @@ def test_version_negotiation(edge: Agent) -> None:
     assert data[15:23] == dcid
     versions = [data[i : i + 4] for i in range(23, len(data), 4)]
     assert b"\x00\x00\x00\x01" in versions
+
+
+# ================================================================================== Retry
+async def test_retry_with_a_token_key_that_survives_restarts(
+    agent: Any, certs: CertBundle, h2_server: H2Server, tmp_path: Any
+) -> None:
+    key_file = tmp_path / "quic-retry.key"
+    quic_options = {"retry": True, "retry_token_key_file": str(key_file)}
+    config = C.bootstrap(
+        [C.quic_listener("quic", C.hcm("h3r", [C.route("/", "h2")]), certs, quic_options=quic_options)],
+        [C.cluster("h2", h2_server.port, http2=True)],
+    )
+    first = agent(config, name="retry1")
+    async with client(first, certs) as c:
+        assert (await c.request("GET", "/after-retry")).status == 200
+    await first.await_stat("http.h3r.quic.retry_sent", 1)
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_bytes()
+    assert key
+    first.stop()
+    second = agent(config, name="retry2")
+    async with client(second, certs) as c:
+        assert (await c.request("GET", "/after-restart")).status == 200
+    await second.await_stat("http.h3r.quic.retry_sent", 1)
+    assert key_file.read_bytes() == key  # the same key: tokens issued before the restart stay valid
