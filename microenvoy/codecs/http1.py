@@ -92,9 +92,15 @@ class Http1ServerCodec:
         events: list[Event] = []
         conn = self._conn
         while True:
+            before = conn.their_state
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if before is h11.MUST_CLOSE:
+                    # The client said "Connection: close" and its request is complete: RFC 9112 section
+                    # 9.6 says to answer it and ignore whatever follows, not to fail it.
+                    self._closed = True
+                    return events
                 events.append(self._fail(exc.error_status_hint, str(exc)))
                 return events
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
@@ -121,6 +127,8 @@ class Http1ServerCodec:
 
     def _on_request(self, req: h11.Request) -> Event:
         raw = req.headers
+        if req.http_version not in (b"1.0", b"1.1"):
+            return self._fail(505, f"HTTP version {req.http_version.decode('latin-1')} not supported")
         if len(raw) > self._max_headers_count:
             return self._fail(431, f"too many headers ({len(raw)} > {self._max_headers_count})")
         # h11's limit only bounds an *incomplete* head; a complete one that arrived in one read is

@@ -22,6 +22,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hyperframe.frame import GoAwayFrame
 
 from microenvoy.core.events import (
     ConnectionTerminated,
@@ -92,7 +94,8 @@ class Http2ServerCodec:
         self._conn.initiate_connection()
         if initial_connection_window_size > 65535:
             self._conn.increment_flow_control_window(initial_connection_window_size - 65535)
-        self._ended: set[int] = set()
+        self._extra_out: list[bytes] = []
+        self._goaway_last: int | None = None
         self.closed = False
         self.last_stream_id = 0
 
@@ -109,8 +112,22 @@ class Http2ServerCodec:
         try:
             h2_events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            self._goaway(code, str(exc))
+            h2_code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            code = h2_code
+            cause = exc.__cause__
+            if isinstance(cause, HPACKError) and not isinstance(cause, OversizedHeaderListError):
+                code = h2.errors.ErrorCodes.COMPRESSION_ERROR  # RFC 9113 section 4.3
+            # h2 has already queued its own GOAWAY (with h2_code); replace it when the code differs.
+            pending = self._conn.data_to_send()
+            h2_goaway = pending[-17:-14] == b"\x00\x00\x08" and pending[-14:-13] == b"\x07"
+            if not h2_goaway or code != h2_code:
+                if h2_goaway:
+                    pending = pending[:-17]
+                frame = GoAwayFrame(stream_id=0, last_stream_id=self.last_stream_id, error_code=int(code))
+                frame.additional_data = str(exc)[:200].encode("utf-8", "replace")
+                pending += frame.serialize()
+            self._extra_out.append(pending)
+            self.closed = True
             stat = _ERROR_STATS.get(code, "protocol_error")
             return [ProtocolFailure(f"http2.{stat}", f"HTTP/2 {code.name}: {exc}", close=True)]
         events: list[Event] = []
@@ -145,6 +162,9 @@ class Http2ServerCodec:
     def _on_request(self, ev: h2.events.RequestReceived) -> Event | None:
         sid = ev.stream_id
         assert sid is not None
+        if self._goaway_last is not None and sid > self._goaway_last:
+            self.reset_stream(sid, int(h2.errors.ErrorCodes.REFUSED_STREAM))
+            return None
         self.last_stream_id = max(self.last_stream_id, sid)
         raw = ev.headers or []
         headers = Headers(raw)
@@ -209,22 +229,23 @@ class Http2ServerCodec:
                 pass
 
     def goaway(self, graceful: bool = True) -> None:
-        """Drain: GOAWAY NO_ERROR with the last stream we will process."""
-        self._goaway(h2.errors.ErrorCodes.NO_ERROR, "", last_stream_id=self.last_stream_id)
+        """Drain: GOAWAY NO_ERROR naming the last stream we will process (RFC 9113 section 6.8).
 
-    def _goaway(self, code: int, detail: str, last_stream_id: int | None = None) -> None:
-        try:
-            self._conn.close_connection(
-                error_code=code,
-                additional_data=detail[:200].encode("utf-8", "replace") or None,
-                last_stream_id=last_stream_id,
-            )
-        except h2.exceptions.ProtocolError:
-            pass
-        if code != h2.errors.ErrorCodes.NO_ERROR:
-            self.closed = True
+        The frame is written directly: h2's ``close_connection`` would move its state machine to CLOSED and
+        refuse the responses of the streams that are still open, which a graceful drain must finish. Streams
+        the client opens after this are refused (REFUSED_STREAM, safe to retry elsewhere).
+        """
+        if self._goaway_last is not None:
+            return
+        self._goaway_last = self.last_stream_id
+        frame = GoAwayFrame(stream_id=0, last_stream_id=self.last_stream_id, error_code=0)
+        self._extra_out.append(self._conn.data_to_send() + frame.serialize())
 
     def data_to_send(self) -> bytes:
+        if self._extra_out:
+            out = b"".join(self._extra_out) + self._conn.data_to_send()
+            self._extra_out.clear()
+            return out
         return self._conn.data_to_send()
 
     def open_streams(self) -> int:

@@ -60,7 +60,12 @@ class Http3ServerCodec:
         self._max_headers_count = max_headers_count
         self._requests: set[int] = set()
         """Streams whose request headers were received (a later HEADERS frame is trailers)."""
+        self._request_done: set[int] = set()
+        """Request streams whose request side ended (body end or trailers)."""
         self._refused: set[int] = set()
+        """Streams whose response is over (or refused) while the request still arrives: the rest is
+        ignored until the request side ends."""
+        self._goaway_id: int | None = None
         self.closed = False
         self.last_stream_id = 0
 
@@ -88,8 +93,11 @@ class Http3ServerCodec:
             if isinstance(ev, H3HeadersReceived):
                 sid = ev.stream_id
                 if sid in self._refused:
+                    if ev.stream_ended:
+                        self._refused.discard(sid)
                     continue
                 if sid in self._requests:
+                    self._request_done.add(sid)
                     out.append(TrailersReceived(sid, Headers(ev.headers)))
                 else:
                     req = self._on_request(sid, ev)
@@ -101,7 +109,11 @@ class Http3ServerCodec:
                     if ev.data:
                         self.quic.delivered(sid, len(ev.data))
                         self.quic.consumed(sid, len(ev.data))
+                    if ev.stream_ended:
+                        self._refused.discard(sid)
                     continue
+                if ev.stream_ended:
+                    self._request_done.add(sid)
                 self.quic.delivered(sid, len(ev.data))
                 out.append(DataReceived(sid, ev.data, ev.stream_ended, len(ev.data)))
         if self.quic._close_event is not None and not self.closed:  # H3 protocol error closed QUIC
@@ -112,21 +124,35 @@ class Http3ServerCodec:
 
     def _on_request(self, sid: int, ev: H3HeadersReceived) -> Event | None:
         headers = Headers(ev.headers)
+        if self._goaway_id is not None and sid >= self._goaway_id:
+            # RFC 9114 section 5.2: beyond our GOAWAY; the client may retry it on a new connection.
+            code = int(ErrorCode.H3_REQUEST_REJECTED)
+            for stop in (self.quic.reset_stream, self.quic.stop_stream):
+                try:
+                    stop(sid, code)
+                except ValueError:
+                    pass
+            if not ev.stream_ended:
+                self._refused.add(sid)
+            return None
         self.last_stream_id = max(self.last_stream_id, sid)
         if len(headers) > self._max_headers_count or headers.byte_size() > self._max_header_bytes:
-            self._refuse(sid, 431, b"request headers too large\n")
+            self._refuse(sid, 431, b"request headers too large\n", ev.stream_ended)
             return ProtocolFailure("downstream_rq_431", "request headers too large", close=False)
         early = sid in self.quic.early_streams
         if early and (headers.get(b":method") or b"") not in IDEMPOTENT_METHODS:
             # RFC 8470 section 5.2: 425 asks the client to retry after the handshake.
-            self._refuse(sid, 425, b"request sent in 0-RTT early data is not idempotent\n")
+            self._refuse(sid, 425, b"request sent in 0-RTT early data is not idempotent\n", ev.stream_ended)
             return ProtocolFailure("downstream_rq_too_early", "non-idempotent request in 0-RTT", close=False)
         self._requests.add(sid)
+        if ev.stream_ended:
+            self._request_done.add(sid)
         return HeadersReceived(sid, headers, ev.stream_ended, early_data=early)
 
-    def _refuse(self, sid: int, status: int, body: bytes) -> None:
+    def _refuse(self, sid: int, status: int, body: bytes, request_ended: bool) -> None:
         assert self._h3 is not None
-        self._refused.add(sid)
+        if not request_ended:
+            self._refused.add(sid)
         self._h3.send_headers(
             sid,
             [(b":status", str(status).encode()), (b"content-length", str(len(body)).encode())],
@@ -141,7 +167,21 @@ class Http3ServerCodec:
     def _forget(self, sid: int) -> None:
         self._requests.discard(sid)
         self._refused.discard(sid)
+        self._request_done.discard(sid)
         self.quic.release(sid)
+
+    def _response_done(self, sid: int) -> None:
+        """Our response ended. If the request is still arriving, ignore the rest (RFC 9114 4.1.1)."""
+        if sid in self._requests and sid not in self._request_done:
+            self._requests.discard(sid)
+            self._refused.add(sid)
+            self.quic.release(sid)
+            try:
+                self.quic.stop_stream(sid, int(ErrorCode.H3_NO_ERROR))
+            except ValueError:
+                pass
+        else:
+            self._forget(sid)
 
     # ----------------------------------------------------------------------------------- output
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
@@ -153,7 +193,7 @@ class Http3ServerCodec:
         except Exception:
             return
         if end_stream:
-            self._forget(stream_id)
+            self._response_done(stream_id)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> int:
         """Queue ``data``; QUIC buffers it (the front bounds that with ``send_buffered``)."""
@@ -164,7 +204,7 @@ class Http3ServerCodec:
         except Exception:
             return len(data)
         if end_stream:
-            self._forget(stream_id)
+            self._response_done(stream_id)
         return len(data)
 
     def send_trailers(self, stream_id: int, trailers: Headers) -> None:
@@ -187,7 +227,7 @@ class Http3ServerCodec:
             self.quic.stop_stream(stream_id, error_code)
         except ValueError:
             pass
-        self._forget(stream_id)
+        self._response_done(stream_id)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         self.quic.consumed(stream_id, n)
@@ -197,8 +237,13 @@ class Http3ServerCodec:
         h3 = self._h3
         if h3 is None or h3._local_control_stream_id is None:
             return
-        # Client-initiated bidirectional ids are multiples of 4; allow everything received so far.
-        frame = encode_frame(FrameType.GOAWAY, encode_uint_var(self.last_stream_id + 4))
+        # Client-initiated bidirectional ids are multiples of 4; allow everything received so far. A later
+        # GOAWAY never carries a larger id than an earlier one.
+        goaway_id = self.last_stream_id + 4 if self._requests or self.last_stream_id else 0
+        if self._goaway_id is not None:
+            goaway_id = min(goaway_id, self._goaway_id)
+        self._goaway_id = goaway_id
+        frame = encode_frame(FrameType.GOAWAY, encode_uint_var(self._goaway_id))
         self.quic.send_stream_data(h3._local_control_stream_id, frame)
 
     def open_streams(self) -> int:

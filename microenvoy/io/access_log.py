@@ -42,7 +42,7 @@ DEFAULT_FORMAT = (
 Formatter = Callable[[Exchange], str]
 _OWN = re.compile(
     r"%(RESPONSE_CODE|RESPONSE_CODE_DETAILS|RESPONSE_FLAGS|DURATION|BYTES_RECEIVED|BYTES_SENT|"
-    r"UPSTREAM_REQUEST_ATTEMPT_COUNT|RESP\(([^)]*)\))%"
+    r"UPSTREAM_REQUEST_ATTEMPT_COUNT|RESP\([^)]*\))%"
 )
 
 
@@ -72,30 +72,42 @@ def _own(name: str, arg: str | None) -> Formatter:
     return resp
 
 
+_OPERATOR = re.compile(r"%%|%([A-Z][A-Z0-9_]*)(?:\(([^)]*)\))?(?::(\d+))?%")
+
+
+def _dash(f: Callable[[Exchange], bytes]) -> Formatter:
+    return lambda ex: f(ex).decode("latin-1") or "-"
+
+
 def compile_format(fmt: str) -> Formatter:
-    """Compile an Envoy format string; raises ValueError for an unknown operator."""
+    """Compile an Envoy format string; raises ValueError for an unknown operator.
+
+    Each operator that yields nothing prints ``-``, as Envoy does; literals are copied (``%%`` is ``%``).
+    """
     parts: list[str | Formatter] = []
     pos = 0
-    for m in _OWN.finditer(fmt):
+    for m in _OPERATOR.finditer(fmt):
         if m.start() > pos:
             parts.append(fmt[pos : m.start()])
-        name = m.group(1)
-        parts.append(_own("RESP" if name.startswith("RESP(") else name, m.group(2)))
         pos = m.end()
-    parts.append(fmt[pos:])
-    compiled: list[str | Formatter] = []
-    for p in parts:
-        if isinstance(p, str):
-            if not p:
-                continue
-            v = compile_value(p)
-            if isinstance(v, bytes):
-                compiled.append(v.decode("utf-8"))
-            else:
-                compiled.append(lambda ex, v=v: v(ex).decode("latin-1") or "-")  # type: ignore[misc]
+        if m.group(0) == "%%":
+            parts.append("%")
+            continue
+        name = m.group(1)
+        if _OWN.fullmatch(m.group(0)):
+            parts.append(_own("RESP" if name == "RESP" else name, m.group(2)))
+            continue
+        compiled = compile_value(m.group(0))  # the header formatter's operators (REQ, START_TIME ...)
+        if isinstance(compiled, bytes):
+            parts.append(compiled.decode("utf-8"))
         else:
-            compiled.append(p)
-    frozen = tuple(compiled)
+            parts.append(_dash(compiled))
+    if pos < len(fmt):
+        parts.append(fmt[pos:])
+    for p in parts:
+        if isinstance(p, str) and "%" in p and p != "%":
+            raise ValueError(f"invalid access log format (a lone '%'; write '%%'): {fmt!r}")
+    frozen = tuple(parts)
     return lambda ex: "".join(p if isinstance(p, str) else p(ex) for p in frozen)
 
 

@@ -386,11 +386,6 @@ def test_broken_body_after_response_started_sends_no_400() -> None:
     assert c.wants_close
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): h11 accepts any HTTP/x.y request line and the codec serves 'HTTP/2.0' as HTTP/1.1; "
-    "RFC 9112 section 2.5 / the admin server answer 505",
-)
 def test_unsupported_http_version_is_rejected() -> None:
     c = Http1ServerCodec()
     evs = c.receive_data(b"GET / HTTP/2.0\r\nHost: h\r\n\r\n")
@@ -520,12 +515,6 @@ def test_connection_close_request_closes_after_response() -> None:
     assert c.response_complete() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: bytes after a 'Connection: close' request (a pipelined request, even a stray CRLF) make h11 "
-    "raise 'Got data when expecting EOF'; the codec then queues a 400 *instead of* the response to the valid "
-    "request (RFC 9112 section 9.6: answer it, ignore what follows, then close)",
-)
 @pytest.mark.parametrize("after", [GET, b"\r\n"], ids=["pipelined", "crlf"])
 def test_bytes_after_connection_close_request_are_ignored(after: bytes) -> None:
     c = Http1ServerCodec()

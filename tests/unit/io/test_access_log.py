@@ -78,12 +78,6 @@ def test_missing_single_operator_values_are_dashes() -> None:
     assert compile_format("%UPSTREAM_HOST%")(ex) == "-"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Envoy logs '-' for every operator without a value; compile_format hands each literal run "
-    "plus its %REQ%/%UPSTREAM_HOST% operators to compile_value as one piece and only substitutes '-' when "
-    'the whole piece is empty, so the default format logs "" for a missing header or upstream host',
-)
 def test_default_format_with_missing_values_uses_dashes() -> None:
     ex = exchange(
         request_headers=Headers([(b":method", b"GET"), (b":path", b"/")]),
