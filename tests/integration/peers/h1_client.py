@@ -54,6 +54,9 @@ class H1Connection:
         except OSError:
             pass
 
+    def __repr__(self) -> str:
+        return f"<H1Connection {self.host}:{self.port} alpn={self.alpn} state={self.h11.our_state.__name__}>"
+
     def request(
         self,
         method: str,

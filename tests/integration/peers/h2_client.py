@@ -96,13 +96,14 @@ class H2Client:
         await self.close()
 
     async def connect(self, within: float = 10.0) -> None:
-        self._reader, self._writer = await asyncio.wait_for(
+        reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
                 self.host, self.port, ssl=self.ssl_context, server_hostname=self.server_hostname
             ),
             within,
         )
-        ssl_obj = self._writer.get_extra_info("ssl_object")
+        self._reader, self._writer = reader, writer
+        ssl_obj = writer.get_extra_info("ssl_object")
         if ssl_obj is not None:
             self.alpn = ssl_obj.selected_alpn_protocol()
         self.h2.initiate_connection()

@@ -68,6 +68,20 @@ def run_h2load(
     if rq is None or st is None:
         raise AssertionError(f"cannot parse h2load output (exit {proc.returncode}):\n{out}")
     rate = _RATE.search(out)
-    nums = [int(x) for x in rq.groups()]
-    codes = [int(x) for x in st.groups()]
-    return H2LoadResult(*nums, *codes, req_per_s=float(rate.group(1)) if rate else 0.0, output=out)
+    total, started, done, succeeded, failed, errored, timed_out = (int(x) for x in rq.groups())
+    s2, s3, s4, s5 = (int(x) for x in st.groups())
+    return H2LoadResult(
+        total=total,
+        started=started,
+        done=done,
+        succeeded=succeeded,
+        failed=failed,
+        errored=errored,
+        timeout=timed_out,
+        status_2xx=s2,
+        status_3xx=s3,
+        status_4xx=s4,
+        status_5xx=s5,
+        req_per_s=float(rate.group(1)) if rate else 0.0,
+        output=out,
+    )

@@ -149,6 +149,9 @@ class H3Stream:
         self.ended = True
         self._chunks.put_nowait(_EOF)
 
+    def __repr__(self) -> str:
+        return f"<H3Stream {self.stream_id} ended={self.ended} error={self.error!r}>"
+
     def _fail(self, exc: BaseException) -> None:
         if self.ended:
             return
@@ -383,13 +386,14 @@ class H3Client:
         Like aioquic's interop client: close the current transport and attach the same protocol to a new
         socket. The server sees packets from a new address and must validate and adopt it.
         """
-        assert self._protocol is not None
+        protocol = self._protocol
+        assert protocol is not None
+        assert protocol._transport is not None
         old = self.local_address
         loop = asyncio.get_running_loop()
         sock = self._new_socket()
-        assert self._protocol._transport is not None
-        self._protocol._transport.close()
-        await loop.create_datagram_endpoint(lambda: self._protocol, sock=sock)
+        protocol._transport.close()
+        await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
         return old, self.local_address
 
     async def ping(self, within: float = 5.0) -> None:
