@@ -19,8 +19,10 @@ LOG_FORMAT = "[%(asctime)s.%(msecs)03d][%(levelname)s][%(name)s] %(message)s"
 def _setup_logging(level: str) -> None:
     from microenvoy.admin.logging import parse_level
 
-    logging.basicConfig(level=parse_level(level), format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S",
+    # Libraries (aioquic, h2, hpack) stay at WARNING: their DEBUG output is per frame and would drown ours.
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S",
                         stream=sys.stderr)  # fmt: skip
+    logging.getLogger("microenvoy").setLevel(parse_level(level))
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:

@@ -192,7 +192,7 @@ class Http1ServerCodec:
             except h11.LocalProtocolError:
                 pass
         stat = "downstream_rq_431" if status == 431 else "downstream_rq_http1_invalid"
-        return ProtocolFailure(stat, detail, close=True)
+        return ProtocolFailure(stat, detail, close=True, status=status)
 
     # ----------------------------------------------------------------------------------- output
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:

@@ -170,7 +170,7 @@ class Http2ServerCodec:
         headers = Headers(raw)
         if len(raw) > self._max_headers_count or headers.byte_size() > self._max_header_bytes:
             self._conn.send_headers(sid, [(b":status", b"431"), (b"content-length", b"0")], end_stream=True)
-            return ProtocolFailure("downstream_rq_431", "request headers too large", close=False)
+            return ProtocolFailure("downstream_rq_431", "request headers too large", close=False, status=431)
         if b":authority" not in headers:
             host = headers.get(b"host")
             if host is not None:  # RFC 9113 section 8.3.1: Host stands in for :authority

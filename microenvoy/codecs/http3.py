@@ -138,12 +138,14 @@ class Http3ServerCodec:
         self.last_stream_id = max(self.last_stream_id, sid)
         if len(headers) > self._max_headers_count or headers.byte_size() > self._max_header_bytes:
             self._refuse(sid, 431, b"request headers too large\n", ev.stream_ended)
-            return ProtocolFailure("downstream_rq_431", "request headers too large", close=False)
+            return ProtocolFailure("downstream_rq_431", "request headers too large", close=False, status=431)
         early = sid in self.quic.early_streams
         if early and (headers.get(b":method") or b"") not in IDEMPOTENT_METHODS:
             # RFC 8470 section 5.2: 425 asks the client to retry after the handshake.
             self._refuse(sid, 425, b"request sent in 0-RTT early data is not idempotent\n", ev.stream_ended)
-            return ProtocolFailure("downstream_rq_too_early", "non-idempotent request in 0-RTT", close=False)
+            return ProtocolFailure(
+                "downstream_rq_too_early", "non-idempotent request in 0-RTT", close=False, status=425
+            )
         self._requests.add(sid)
         if ev.stream_ended:
             self._request_done.add(sid)

@@ -89,6 +89,8 @@ class ProtocolFailure:
     detail: str
     close: bool = True
     """The connection must be closed once pending bytes are flushed."""
+    status: int = 0
+    """The HTTP status the codec answered with (431, 400, 425 ...), 0 if none: counted as a request."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from microenvoy.admin.stats import Scope, Store
 from microenvoy.codecs import grpc as grpc_codec
 from microenvoy.config.model import HttpConnectionManager
+from microenvoy.core.events import ProtocolFailure
 from microenvoy.core.exchange import DownstreamInfo, Exchange, ResponseFlag
 from microenvoy.core.filter import FactoryContext, FilterStatus, HttpFilter, HttpFilterFactory
 from microenvoy.core.headers import Headers
@@ -183,6 +184,21 @@ class HttpFront:
 
     def config_dump(self) -> dict[str, Any]:
         return {"stat_prefix": self.config.stat_prefix, "filters": [f.name for f in self.factories]}
+
+    def count_failure(self, ev: ProtocolFailure, downstream: DownstreamInfo) -> None:
+        """A codec rejected a request or the connection: its stat, and the answer as a request if any."""
+        st = self.stats
+        self.scope.counter(ev.stat).inc()
+        if ev.status:
+            st.rq_total.inc()
+            st.by_protocol(downstream.protocol)
+            if 100 <= ev.status < 600:
+                st.rq_xx[ev.status // 100 - 1].inc()
+        if ev.close:
+            st.cx_protocol_error.inc()
+            log.warning("%s peer %s:%d: %s", downstream.protocol, *downstream.remote_address, ev.detail)
+        else:
+            log.info("%s peer %s:%d: %s", downstream.protocol, *downstream.remote_address, ev.detail)
 
 
 class _LocalReply(Exception):

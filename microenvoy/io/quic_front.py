@@ -202,10 +202,7 @@ class QuicHttpConnection:
                 if s is not None:
                     s.on_reset()
             elif isinstance(ev, ProtocolFailure):
-                front.scope.counter(ev.stat).inc()
-                if ev.close:
-                    front.stats.cx_protocol_error.inc()
-                    log.warning("QUIC connection %s: %s", self._addr, ev.detail)
+                front.count_failure(ev, self.downstream)
             elif isinstance(ev, ConnectionTerminated):
                 for s in list(self.streams.values()):
                     s.on_reset("connection_closed")

@@ -229,10 +229,8 @@ class TcpHttpConnection(asyncio.Protocol):
             elif isinstance(ev, WindowOpened):
                 self._wake(self._window_waiters)
             elif isinstance(ev, ProtocolFailure):
-                front.scope.counter(ev.stat).inc()
+                front.count_failure(ev, self.downstream)
                 if ev.close:
-                    front.stats.cx_protocol_error.inc()
-                    log.warning("closing %s: %s", self.downstream.remote_address, ev.detail)
                     self._close_after_flush()
             elif isinstance(ev, ConnectionTerminated):
                 for s in list(self.streams.values()):
