@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--https-port", type=int, default=10443, help="HTTP/3 (UDP) and TLS (TCP) listeners")
     d.add_argument("--admin-port", type=int, default=9901)
     d.add_argument("--log-level", default="info")
+    d.add_argument("--admin-address-path", help="write the bound admin address (host:port) to this file")
     d.set_defaults(func=_cmd_demo)
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=lambda a: print(f"microenvoy {__version__}") or 0)
