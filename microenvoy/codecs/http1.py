@@ -56,8 +56,15 @@ class Http1ServerCodec:
         tls: bool = False,
         max_header_bytes: int = 60 * 1024,
         max_headers_count: int = 100,
+        max_discard_bytes: int = 1 << 20,
     ) -> None:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._max_discard = max_discard_bytes
+        self._expected: int | None = None
+        """Declared request body length (None: chunked)."""
+        self._received = 0
+        self._discarding = False
+        """The response went out before the request body ended: read and drop the rest, then go on."""
         self._scheme = b"https" if tls else b"http"
         self._max_header_bytes = max_header_bytes
         self._max_headers_count = max_headers_count
@@ -111,11 +118,18 @@ class Http1ServerCodec:
                 if isinstance(out, ProtocolFailure):
                     return events
             elif isinstance(ev, h11.Data):
-                events.append(DataReceived(self._stream_id, bytes(ev.data), False, len(ev.data)))
+                self._received += len(ev.data)
+                if not self._discarding:
+                    events.append(DataReceived(self._stream_id, bytes(ev.data), False, len(ev.data)))
             elif isinstance(ev, h11.EndOfMessage):
                 if not self._request_open:
                     continue  # the request ended with its headers: HeadersReceived said so already
                 self._request_open = False
+                if self._discarding:
+                    self._discarding = False
+                    if not self._next_cycle():
+                        return events
+                    continue
                 if ev.headers:
                     events.append(TrailersReceived(self._stream_id, Headers((k, v) for k, v in ev.headers)))
                 else:
@@ -137,6 +151,8 @@ class Http1ServerCodec:
         if size > self._max_header_bytes:
             return self._fail(431, f"request headers too large ({size} > {self._max_header_bytes} bytes)")
         self._stream_id += 2
+        self._received = 0
+        self._expected = None
         self._response_started = False
         self._response_done = False
         host: bytes | None = None
@@ -154,6 +170,7 @@ class Http1ServerCodec:
             if name == b"content-length":
                 if value != b"0":
                     end_stream = False
+                    self._expected = int(value)  # h11 validated it
             elif name == b"transfer-encoding":
                 end_stream = False
             items.append((bytes(name), bytes(value)))
@@ -210,6 +227,12 @@ class Http1ServerCodec:
                 items.append((k, v))
         if end_stream and not has_length and status not in (204, 304) and status >= 200:
             items.append((b"content-length", b"0"))
+        if self.keep_alive and self._request_open:
+            # Answering before the request body ended: keep the connection only if the rest is known to
+            # be small enough to read and drop (RFC 9112 section 9.6), else say we close.
+            left = None if self._expected is None else self._expected - self._received
+            if left is None or left > self._max_discard:
+                self.keep_alive = False
         if not self.keep_alive:
             items.append((b"connection", b"close"))
         self._response_started = True
@@ -258,21 +281,28 @@ class Http1ServerCodec:
 
     def response_complete(self) -> list[Event]:
         """Called by the front after the last response byte: start the next keep-alive cycle."""
-        if not self.keep_alive or self._request_open:
-            # The request body is unread (e.g. a local reply before the body): we cannot find the next
-            # message boundary safely, so close (RFC 9112 section 9.6).
-            self.keep_alive = False
+        if not self.keep_alive:
             return []
+        if self._request_open:
+            # The response went out first; the rest of the (small, see send_headers) body is read and
+            # dropped, then the next request is parsed.
+            self._discarding = True
+            return self._drain()
         if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
-            try:
-                self._conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                self.keep_alive = False
+            if not self._next_cycle():
                 return []
             return self._drain()
         if self._conn.our_state is h11.MUST_CLOSE or self._conn.their_state is h11.MUST_CLOSE:
             self.keep_alive = False
         return []
+
+    def _next_cycle(self) -> bool:
+        try:
+            self._conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            self.keep_alive = False
+            return False
+        return True
 
     @property
     def wants_close(self) -> bool:

@@ -503,7 +503,8 @@ class ActiveStream:
         limit = self._body_limit()
         if limit is not None:
             cl = ex.request_headers.get(b"content-length")
-            if cl is not None and cl.isdigit() and int(cl) > limit:
+            # Body bytes may have arrived before the route (and so its limit) was known.
+            if (cl is not None and cl.isdigit() and int(cl) > limit) or ex.request_body_bytes > limit:
                 front.stats.rq_too_large.inc()
                 raise _LocalReply(413, "payload too large", "request_payload_too_large")
         name = entry.cluster_name(front.random)

@@ -57,7 +57,6 @@ static_resources:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: x
           route_config:
             virtual_hosts:
@@ -96,7 +95,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )  # fmt: skip
     try:
-        wait_for(lambda: addr_file.exists() and addr_file.read_text().strip(), timeout=30, message="demo admin address")
+        wait_for(
+            lambda: addr_file.exists() and addr_file.read_text().strip(), timeout=30, message="demo admin"
+        )
         admin = "http://" + addr_file.read_text().strip()
         with urllib.request.urlopen(admin + "/listeners?format=json", timeout=5) as r:
             statuses = json.load(r)["listener_statuses"]

@@ -543,12 +543,29 @@ def test_keep_alive_false_adds_connection_close() -> None:
     assert c.wants_close
 
 
-def test_response_before_request_body_read_closes() -> None:
+def test_response_before_request_body_read_drops_the_rest_and_keeps_alive() -> None:
     c = Http1ServerCodec()
     c.receive_data(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\npartial")
     c.send_headers(1, Headers([(b":status", b"413")]), True)
+    resp, _, _ = response_of(c.data_to_send())
+    assert (b"connection", b"close") not in resp.headers
     assert c.response_complete() == []
-    assert c.wants_close
+    assert not c.wants_close
+    # The rest of the body is read and dropped; the next request is parsed as usual.
+    evs = c.receive_data(b"x" * 93 + GET)
+    assert [type(e) for e in evs] == [HeadersReceived]
+    assert evs[0].stream_id == 3
+
+
+def test_response_before_a_large_or_chunked_body_closes() -> None:
+    for head in (b"Content-Length: 10000000", b"Transfer-Encoding: chunked"):
+        c = Http1ServerCodec(max_discard_bytes=1000)
+        c.receive_data(b"POST / HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n\r\n")
+        c.send_headers(1, Headers([(b":status", b"413")]), True)
+        resp, _, _ = response_of(c.data_to_send())
+        assert (b"connection", b"close") in resp.headers
+        assert c.response_complete() == []
+        assert c.wants_close
 
 
 def test_reset_stream_closes_the_connection() -> None:
