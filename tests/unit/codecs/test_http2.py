@@ -344,7 +344,7 @@ def test_oversized_headers_are_431_on_that_stream_and_the_connection_lives() -> 
     server, client = pair(max_header_bytes=1024)
     client.send_headers(1, [*GET, (b"x-big", b"a" * 2000)], end_stream=True)
     evs = to_server(server, client)
-    assert evs == [ProtocolFailure("downstream_rq_431", "request headers too large", close=False)]
+    assert evs == [ProtocolFailure("downstream_rq_431", "request headers too large", close=False, status=431)]
     cevs = to_client(server, client)
     resp = [e for e in cevs if isinstance(e, h2.events.ResponseReceived)]
     assert resp[0].stream_id == 1

@@ -277,7 +277,9 @@ def test_oversized_headers_are_431_and_the_connection_lives() -> None:
     p.run()
     assert p.stream_events(sid) == []  # no exchange event for the refused stream
     failures = [e for e in p.events if isinstance(e, ProtocolFailure)]
-    assert failures == [ProtocolFailure("downstream_rq_431", "request headers too large", close=False)]
+    assert failures == [
+        ProtocolFailure("downstream_rq_431", "request headers too large", close=False, status=431)
+    ]
     resp = p.client_side(sid)
     assert isinstance(resp[0], h3e.HeadersReceived)
     assert dict(resp[0].headers)[b":status"] == b"431"

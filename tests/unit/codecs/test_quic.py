@@ -384,7 +384,9 @@ def test_zero_rtt_streams_are_tracked_and_non_idempotent_requests_get_425() -> N
         (put, b"PUT", True),
     ]
     failures = [e for e in p.events if isinstance(e, ProtocolFailure)]
-    assert failures == [ProtocolFailure("downstream_rq_too_early", "non-idempotent request in 0-RTT", False)]
+    assert failures == [
+        ProtocolFailure("downstream_rq_too_early", "non-idempotent request in 0-RTT", False, 425)
+    ]
     status, body = p.response(post)
     assert status == b"425"
     assert b"0-RTT" in body
