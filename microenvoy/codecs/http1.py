@@ -25,24 +25,10 @@ from microenvoy.core.events import (
     ProtocolFailure,
     TrailersReceived,
 )
-from microenvoy.core.headers import Headers
+from microenvoy.core.headers import HOP_BY_HOP, Headers
 
 __all__ = ["Http1ServerCodec"]
 
-# h11 frames messages itself; these are hop-by-hop (RFC 9110 section 7.6.1) and never copied to a response.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"te",
-        b"trailer",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
 
 
 class Http1ServerCodec:
@@ -219,7 +205,7 @@ class Http1ServerCodec:
         for k, v in headers:
             if k == b":status":
                 status = int(v)
-            elif k.startswith(b":") or k in _HOP_BY_HOP:
+            elif k.startswith(b":") or k in HOP_BY_HOP:
                 continue
             else:
                 if k == b"content-length":

@@ -35,15 +35,10 @@ from microenvoy.core.events import (
     TrailersReceived,
     WindowOpened,
 )
-from microenvoy.core.headers import Headers
+from microenvoy.core.headers import CONNECTION_SPECIFIC, Headers
 
-__all__ = ["CONNECTION_SPECIFIC", "Http2ServerCodec"]
+__all__ = ["Http2ServerCodec"]
 
-# RFC 9113 section 8.2.2: connection-specific fields must not appear in HTTP/2 (te is allowed only as
-# "trailers", handled by the caller).
-CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 
 _ERROR_STATS = {
     h2.errors.ErrorCodes.PROTOCOL_ERROR: "protocol_error",

@@ -31,15 +31,12 @@ from microenvoy.core.events import (
     StreamReset,
     TrailersReceived,
 )
-from microenvoy.core.headers import Headers
+from microenvoy.core.headers import CONNECTION_SPECIFIC, Headers
 
 __all__ = ["H3_ALPN", "IDEMPOTENT_METHODS", "Http3ServerCodec"]
 
 # RFC 9110 section 9.2.2
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 
 
 class Http3ServerCodec:
@@ -189,7 +186,7 @@ class Http3ServerCodec:
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
         if self._h3 is None:
             return
-        items = [(k, v) for k, v in headers if k not in _CONNECTION_SPECIFIC]
+        items = [(k, v) for k, v in headers if k not in CONNECTION_SPECIFIC]
         try:
             self._h3.send_headers(stream_id, items, end_stream=end_stream)
         except Exception:

@@ -29,24 +29,10 @@ from microenvoy.core.events import (
     StreamReset,
     TrailersReceived,
 )
-from microenvoy.core.headers import Headers
+from microenvoy.core.headers import HOP_BY_HOP, Headers
 
-__all__ = ["HOP_BY_HOP", "Http1ClientCodec"]
+__all__ = ["Http1ClientCodec"]
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"te",
-        b"http2-settings",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-"""Connection-specific fields never forwarded over our HTTP/1.1 hop (both directions)."""
 
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 

@@ -45,7 +45,7 @@ from microenvoy.core.events import (
     TrailersReceived,
     WindowOpened,
 )
-from microenvoy.core.headers import Headers
+from microenvoy.core.headers import CONNECTION_SPECIFIC, Headers
 
 __all__ = ["CANCEL", "NO_ERROR", "REFUSED_STREAM", "Http2ClientCodec"]
 
@@ -55,9 +55,6 @@ REFUSED_STREAM = int(h2.errors.ErrorCodes.REFUSED_STREAM)
 _MAX_STREAM_ID = 2**31 - 1
 
 # RFC 9113 section 8.2.2: connection-specific fields MUST NOT appear; "te" only with "trailers".
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"http2-settings"}
-)
 _PSEUDO_ORDER = (b":method", b":scheme", b":authority", b":path")
 
 
@@ -180,7 +177,7 @@ class Http2ClientCodec:
                 pseudo.setdefault(name, value)
             elif name == b"host":
                 host = host or value
-            elif name in _CONNECTION_SPECIFIC:
+            elif name in CONNECTION_SPECIFIC:
                 continue
             elif name == b"te" and value.strip().lower() != b"trailers":
                 continue
@@ -231,7 +228,7 @@ class Http2ClientCodec:
         return sent
 
     def send_trailers(self, stream_id: int, trailers: Headers) -> None:
-        fields = [(k, v) for k, v in trailers if not k.startswith(b":") and k not in _CONNECTION_SPECIFIC]
+        fields = [(k, v) for k, v in trailers if not k.startswith(b":") and k not in CONNECTION_SPECIFIC]
         try:
             self._conn.send_headers(stream_id, fields, end_stream=True)
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError) as e:

@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-__all__ = ["HeaderList", "Headers"]
+__all__ = ["CONNECTION_SPECIFIC", "HOP_BY_HOP", "HeaderList", "Headers"]
 
 HeaderList = list[tuple[bytes, bytes]]
+
+CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"http2-settings"}
+)
+"""Fields HTTP/2 and HTTP/3 forbid (RFC 9113 section 8.2.2, RFC 9114 section 4.2); ``te`` other than
+``trailers`` is handled by the caller."""
+
+HOP_BY_HOP = CONNECTION_SPECIFIC | {b"te", b"trailer", b"proxy-authenticate", b"proxy-authorization"}
+"""Hop-by-hop fields (RFC 9110 section 7.6.1) never forwarded from one hop to the next."""
 
 
 class Headers:

@@ -40,7 +40,7 @@ from microenvoy.config.model import HttpConnectionManager
 from microenvoy.core.events import ProtocolFailure
 from microenvoy.core.exchange import DownstreamInfo, Exchange, ResponseFlag
 from microenvoy.core.filter import FactoryContext, FilterStatus, HttpFilter, HttpFilterFactory
-from microenvoy.core.headers import Headers
+from microenvoy.core.headers import HOP_BY_HOP, Headers
 from microenvoy.extensions import http_filter_module
 from microenvoy.router.table import RouteEntry, RouteTable
 
@@ -54,19 +54,6 @@ log = logging.getLogger("microenvoy.http")
 
 ROUTER = "envoy.filters.http.router"
 
-# RFC 9110 section 7.6.1 hop-by-hop fields, plus HTTP/2-forbidden ones; never forwarded either way.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"trailer",
-    }
-)
 _METADATA_PREFIX = b"x-microenvoy-"
 
 # Local replies for gRPC requests carry a gRPC status as Envoy does (timeouts are DEADLINE_EXCEEDED,
@@ -691,10 +678,10 @@ class ActiveStream:
         te_trailers = False
         xff: bytes | None = None
         for k, v in src:
-            if k in _HOP_BY_HOP or k.startswith(_METADATA_PREFIX):
-                continue
-            if k == b"te":
+            if k == b"te":  # hop-by-hop, but "te: trailers" is kept (gRPC needs it)
                 te_trailers = te_trailers or b"trailers" in v.lower()
+                continue
+            if k in HOP_BY_HOP or k.startswith(_METADATA_PREFIX):
                 continue
             if k == b"host":
                 continue  # :authority carries it
@@ -723,7 +710,7 @@ class ActiveStream:
         ex = self.exchange
         status = _status(resp)
         ex.response_code = status
-        out = Headers([(k, v) for k, v in resp if k not in _HOP_BY_HOP])
+        out = Headers([(k, v) for k, v in resp if k not in HOP_BY_HOP])
         entry = self.entry
         if entry is not None:
             entry.finalize_response_headers(out, ex)
