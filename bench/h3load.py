@@ -27,6 +27,7 @@ import argparse
 import array
 import asyncio
 import contextlib
+import ctypes
 import json
 import math
 import multiprocessing
@@ -396,6 +397,8 @@ async def _worker_main(spec: LoadSpec, connections: int, limit: int, pipe: Conne
 
 def _worker(spec: LoadSpec, connections: int, limit: int, pipe: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    with contextlib.suppress(Exception):  # ... and if the parent dies, so do we (Linux)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_worker_main(spec, connections, limit, pipe))
@@ -434,12 +437,14 @@ class _Coordinator:
             if msg[0] == want:
                 return msg
 
-    def stop(self) -> None:
+    def stop(self, *, now: bool) -> None:
+        """Let the workers finish (``now=False``: they are done or waiting for "go"), else kill them."""
         for pipe in self.pipes:
             with contextlib.suppress(Exception):
                 pipe.send(("stop",))
         for proc in self.procs:
-            proc.join(timeout=3)
+            if not now:
+                proc.join(timeout=3)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=3)
@@ -478,8 +483,10 @@ def run_load(spec: LoadSpec) -> dict[str, Any]:
         if t_end is None:
             cpu1 = {label: proc_cpu_seconds(pid) for label, pid in spec.watch}
         results = [co.recv(pipe, time.monotonic() + spec.timeout + 10.0, "result")[1] for pipe in co.pipes]
-    finally:
-        co.stop()
+    except BaseException:
+        co.stop(now=True)
+        raise
+    co.stop(now=False)
     elapsed = t_end - t_begin if t_end is not None else max(d[2] for d in done) - min(d[1] for d in done)
     latencies: list[float] = []
     for r in results:
@@ -620,6 +627,10 @@ def _watch(value: str) -> tuple[str, int]:
     return label, int(pid)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="h3load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -640,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--probe", action="store_true", help="send one GET, print status, headers and body")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     if args.probe:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             res = runner.run(probe(args.url, args.timeout))
@@ -655,7 +668,10 @@ def main(argv: list[str] | None = None) -> int:
         processes=args.processes, timeout=args.timeout, expect_status=args.expect_status,
         watch=tuple(args.watch_pid),
     )  # fmt: skip
-    rep = run_load(spec)
+    try:
+        rep = run_load(spec)
+    except KeyboardInterrupt:
+        return 130
     print(json.dumps(rep, indent=2) if args.json else format_report(rep), flush=True)
     return 0 if rep["requests"] else 1
 

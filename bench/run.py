@@ -132,7 +132,7 @@ class Bench:
                 proc.wait(timeout=5)
 
     def close(self) -> None:
-        for name in list(self.procs):
+        for name in reversed(list(self.procs)):  # the load first, nginx last
             self.stop(name)
         if not self.args.keep_tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -366,18 +366,22 @@ https://127.0.0.1:{port} {{
             seconds = str(int(a.warmup + a.duration + 2))
             spy_cmd = [a.py_spy_bin, "record", "-p", str(server_pid), "-r", "250", "--nonblocking",
                        "-d", seconds, "-f", "raw", "-o", f"{a.py_spy}.{name}.txt"]  # fmt: skip
-            spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   preexec_fn=_die_with_parent)  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, timeout=a.warmup + a.duration + 120, check=False)
+            spy = self.procs["py-spy"] = subprocess.Popen(
+                spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            )
+        # Registered in self.procs: on Ctrl-C or an error, close() terminates it (h3load then kills its
+        # workers, which also die with it through PR_SET_PDEATHSIG).
+        load = self.procs["h3load"] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
+        stdout, stderr = load.communicate(timeout=a.warmup + a.duration + 120)
+        self.procs.pop("h3load")
         if spy is not None:
-            try:
-                spy.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
-        if not out.stdout.strip():
-            raise RuntimeError(f"h3load failed on {name}: {out.stderr.decode(errors='replace')[-2000:]}")
-        rep: dict[str, Any] = json.loads(out.stdout)
+            spy.wait(timeout=30)
+            self.procs.pop("py-spy")
+        if not stdout.strip():
+            raise RuntimeError(f"h3load failed on {name}: {stderr.decode(errors='replace')[-2000:]}")
+        rep: dict[str, Any] = json.loads(stdout)
         return rep
 
     def run_target(self, name: str) -> dict[str, Any]:
@@ -539,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(targets) - set(TARGETS):
         p.error(f"unknown targets: {sorted(unknown)}")
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     bench = Bench(args)
     info = machine_info()
     cmdline = " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])

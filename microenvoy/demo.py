@@ -20,13 +20,13 @@ import os
 import tempfile
 from typing import Any
 
-__all__ = ["demo_config", "run_demo", "self_signed_certificate"]
+__all__ = ["demo_config", "run_demo", "self_signed", "self_signed_certificate"]
 
 
-def self_signed_certificate(directory: str) -> tuple[str, str]:
-    """Write ``cert.pem`` and ``key.pem`` (ECDSA P-256, valid for a day) into ``directory``."""
+def self_signed(days: float = 1.0) -> tuple[Any, Any]:
+    """A throwaway ECDSA P-256 certificate and key for localhost, 127.0.0.1 and ::1 (cryptography objects)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
@@ -40,7 +40,7 @@ def self_signed_certificate(directory: str) -> tuple[str, str]:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(
             x509.SubjectAlternativeName(
                 [
@@ -53,6 +53,14 @@ def self_signed_certificate(directory: str) -> tuple[str, str]:
         )
         .sign(key, hashes.SHA256())
     )
+    return cert, key
+
+
+def self_signed_certificate(directory: str) -> tuple[str, str]:
+    """Write ``cert.pem`` and ``key.pem`` (see ``self_signed``) into ``directory``."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = self_signed()
     cert_path = os.path.join(directory, "cert.pem")
     key_path = os.path.join(directory, "key.pem")
     with open(cert_path, "wb") as f:

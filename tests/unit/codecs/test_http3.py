@@ -4,7 +4,6 @@ responses as the client's H3 layer sees them, resets, GOAWAY, and connection clo
 
 from __future__ import annotations
 
-import datetime
 import functools
 import ssl
 from typing import Any
@@ -15,10 +14,6 @@ from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from microenvoy.codecs.http3 import Http3ServerCodec
 from microenvoy.codecs.quic import ProxyQuicConnection
@@ -32,27 +27,15 @@ from microenvoy.core.events import (
     TrailersReceived,
 )
 from microenvoy.core.headers import Headers
+from microenvoy.demo import self_signed
 
-CLIENT_ADDR = ("10.0.0.2", 50000)
-SERVER_ADDR = ("10.0.0.1", 443)
+CLIENT_ADDR = ("127.0.0.2", 50000)
+SERVER_ADDR = ("127.0.0.1", 443)
 
 
 @functools.cache
-def certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+def certificate() -> tuple[Any, Any]:
+    return self_signed()
 
 
 class Pair:

@@ -22,37 +22,20 @@ from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from microenvoy.codecs.http3 import Http3ServerCodec
 from microenvoy.codecs.quic import ProxyQuicConnection, RetryTokens, SessionTicketStore
 from microenvoy.core.events import Event, HeadersReceived, ProtocolFailure
 from microenvoy.core.headers import Headers
+from microenvoy.demo import self_signed
 
-CLIENT_ADDR = ("10.0.0.2", 50000)
-SERVER_ADDR = ("10.0.0.1", 443)
+CLIENT_ADDR = ("127.0.0.2", 50000)
+SERVER_ADDR = ("127.0.0.1", 443)
 
 
 @functools.cache
-def certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+def certificate() -> tuple[Any, Any]:
+    return self_signed()
 
 
 class Pair:
@@ -469,8 +452,8 @@ def test_retry_token_survives_a_restart_with_the_same_key() -> None:
 @pytest.mark.parametrize(
     ("addr", "dcid", "now", "match"),
     [
-        (("10.0.0.3", 50000), RSCID, 1001.0, "does not verify"),
-        (("10.0.0.2", 50001), RSCID, 1001.0, "does not verify"),
+        (("127.0.0.3", 50000), RSCID, 1001.0, "does not verify"),
+        (("127.0.0.2", 50001), RSCID, 1001.0, "does not verify"),
         (CLIENT_ADDR, ODCID, 1001.0, "another connection ID"),
         (CLIENT_ADDR, RSCID, 1031.0, "expired"),
         (CLIENT_ADDR, RSCID, 999.0, "expired"),  # issued "in the future": clock went back
@@ -623,8 +606,8 @@ def test_client_connection_id_change_keeps_http3_working() -> None:
 
 def test_client_address_change_keeps_http3_working() -> None:
     p = established()
-    p.client_addr = ("10.0.0.9", 40000)  # NAT rebinding / migration: same connection, new address
+    p.client_addr = ("127.0.0.9", 40000)  # NAT rebinding / migration: same connection, new address
     round_trip(p, b"/after-migration")
     idle(p)
-    assert p.server._network_paths[0].addr == ("10.0.0.9", 40000)
+    assert p.server._network_paths[0].addr == ("127.0.0.9", 40000)
     assert p.server._network_paths[0].is_validated
