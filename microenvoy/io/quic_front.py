@@ -136,6 +136,7 @@ class QuicHttpConnection:
         self._send_waiters: dict[int, asyncio.Future[None]] = {}
         self._closed = False
         self._draining = False
+        self._transmit_scheduled = False
         self.cids: set[bytes] = set()
         self._send_limit = max(64 * 1024, listener.options.initial_stream_window_size)
 
@@ -224,6 +225,17 @@ class QuicHttpConnection:
         self.listener.connection_closed(self)
 
     # ------------------------------------------------------------------------------- output
+    def _transmit_soon(self) -> None:
+        """Coalesce: everything the exchanges queue in this loop iteration leaves in one flush, so a
+        response's HEADERS and DATA share packets instead of one datagram each."""
+        if not self._transmit_scheduled:
+            self._transmit_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_transmit)
+
+    def _scheduled_transmit(self) -> None:
+        self._transmit_scheduled = False
+        self.transmit()
+
     def transmit(self) -> None:
         transport = self.listener.transport
         if transport is None:
@@ -251,13 +263,13 @@ class QuicHttpConnection:
         if self._closed:
             return
         self.codec.send_headers(stream_id, headers, end_stream)
-        self.transmit()
+        self._transmit_soon()
 
     async def send_body(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         if self._closed:
             return
         self.codec.send_data(stream_id, data, end_stream)
-        self.transmit()
+        self._transmit_soon()
         while not self._closed and self.codec.send_buffered(stream_id) > self._send_limit:
             fut = self._send_waiters.get(stream_id)
             if fut is None or fut.done():
@@ -276,18 +288,18 @@ class QuicHttpConnection:
         if self._closed:
             return
         self.codec.send_trailers(stream_id, trailers)
-        self.transmit()
+        self._transmit_soon()
 
     def reset_stream(self, stream_id: int) -> None:
         if self._closed:
             return
         self.codec.reset_stream(stream_id)
-        self.transmit()
+        self._transmit_soon()
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         if n and not self._closed:
             self.codec.acknowledge(stream_id, n)
-            self.transmit()
+            self._transmit_soon()
 
     def stream_closed(self, stream: ActiveStream) -> None:
         self.streams.pop(stream.stream_id, None)
@@ -304,7 +316,7 @@ class QuicHttpConnection:
         self._draining = True
         self.front.stats.cx_drain_close.inc()
         self.codec.goaway()
-        self.transmit()
+        self._transmit_soon()
         if not self.streams:
             self.close()
 
@@ -312,7 +324,7 @@ class QuicHttpConnection:
         if self._closed:
             return
         self.quic.close(error_code=error_code, reason_phrase=reason)
-        self.transmit()
+        self._transmit_soon()
 
 
 class QuicListener(asyncio.DatagramProtocol):

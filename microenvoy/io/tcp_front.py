@@ -77,6 +77,7 @@ class TcpHttpConnection(asyncio.Protocol):
         self._draining = False
         self._closed = False
         self._counted = False
+        self._flush_scheduled = False
 
     def __repr__(self) -> str:
         return f"<TcpHttpConnection {self.codec!r} streams={len(self.streams)}>"
@@ -252,7 +253,7 @@ class TcpHttpConnection(asyncio.Protocol):
         if self.codec is None or self._closed:
             return
         self.codec.send_headers(stream_id, headers, end_stream)
-        self._flush()
+        self._flush_soon()
 
     async def send_body(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         codec = self.codec
@@ -261,14 +262,14 @@ class TcpHttpConnection(asyncio.Protocol):
         if isinstance(codec, Http2ServerCodec):
             while True:
                 n = codec.send_data(stream_id, data, end_stream)
-                self._flush()
+                self._flush_soon()
                 data = data[n:]
                 if not data:
                     break
                 await self._wait(self._window_waiters)
         else:
             codec.send_data(stream_id, data, end_stream)
-            self._flush()
+            self._flush_soon()
         if self._paused_writing:
             await self._wait(self._drain_waiters)
 
@@ -276,7 +277,7 @@ class TcpHttpConnection(asyncio.Protocol):
         if self.codec is None or self._closed:
             return
         self.codec.send_trailers(stream_id, trailers)
-        self._flush()
+        self._flush_soon()
 
     def reset_stream(self, stream_id: int) -> None:
         if self.codec is None or self._closed:
@@ -291,7 +292,7 @@ class TcpHttpConnection(asyncio.Protocol):
         if isinstance(codec, Http2ServerCodec):
             if n:
                 codec.acknowledge(stream_id, n)
-                self._flush()
+                self._flush_soon()
         elif self._reading_paused and self.transport is not None:
             buffered = sum(s.body.buffered for s in self.streams.values())
             if buffered <= self.listener.buffer_limit // 2:
@@ -320,6 +321,16 @@ class TcpHttpConnection(asyncio.Protocol):
             self._arm_idle()
 
     # -------------------------------------------------------------------------------- helpers
+    def _flush_soon(self) -> None:
+        """Coalesce what the exchanges queue in this loop iteration into one write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
+
     def _flush(self) -> None:
         codec = self.codec
         t = self.transport
