@@ -745,6 +745,7 @@ class _H2Connection(_ConnectionBase):
         """Requests waiting for this connection to become ready."""
         self.establishing: asyncio.Task[None] | None = None
         self._window_waiters: list[asyncio.Future[None]] = []
+        self._flush_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -822,6 +823,13 @@ class _H2Connection(_ConnectionBase):
 
     # -- used by streams -------------------------------------------------------------------------
     def flush(self) -> None:
+        """Coalesce: streams started or fed in this loop iteration share one write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_scheduled = False
         self.write(self.codec.data_to_send())
 
     def acknowledge(self, stream_id: int, n: int) -> None:
@@ -908,7 +916,7 @@ class _H2Connection(_ConnectionBase):
     def close(self, *, local: bool = True) -> None:
         if not self.closed and self.transport is not None and not self.codec.closed:
             self.codec.close()
-            self.flush()
+            self.flush_now()
         super().close(local=local)
 
     def __repr__(self) -> str:
