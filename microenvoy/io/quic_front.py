@@ -151,7 +151,14 @@ class QuicHttpConnection:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.quic.handle_timer(now=time.monotonic())
+        now = time.monotonic()
+        at = self.quic.get_timer()
+        if at is None:
+            return
+        if at > now + 0.0005:  # woke up early for a deadline that has since moved: sleep again
+            self.transmit()
+            return
+        self.quic.handle_timer(now=max(now, at))
         self._process()
 
     def _process(self) -> None:
@@ -249,15 +256,15 @@ class QuicHttpConnection:
         if sent:
             self.front.stats.cx_tx_bytes.inc(sent)
         at = quic.get_timer()
-        if at != self._timer_at:
+        # Re-arm only when the connection needs waking *earlier*: the deadline moves on nearly every
+        # flush, and a timer that fires early just re-arms (see _on_timer).
+        if at is not None and (self._timer_at is None or at < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
-                self._timer = None
             self._timer_at = at
-            if at is not None:
-                loop = asyncio.get_running_loop()
-                # loop.time() and time.monotonic() share a clock on Linux; convert defensively.
-                self._timer = loop.call_at(loop.time() + max(0.0, at - now), self._on_timer)
+            loop = asyncio.get_running_loop()
+            # loop.time() and time.monotonic() may differ (uvloop): schedule relative to now.
+            self._timer = loop.call_at(loop.time() + max(0.0, at - now), self._on_timer)
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
         if self._closed:
