@@ -106,6 +106,8 @@ class ProxyQuicConnection(QuicConnection):
         target = receiver.highest_offset - self._unconsumed.get(sid, 0) + self._stream_window
         if target - stream.max_stream_data_local >= self._stream_window // 4:
             stream.max_stream_data_local = target
+        elif stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return  # nothing to announce (the common case: called per stream per packet)
         highest = receiver.highest_offset
         receiver.highest_offset = 0
         try:

@@ -41,6 +41,7 @@ from microenvoy.core.exchange import DownstreamInfo, Exchange, ResponseFlag
 from microenvoy.core.filter import FactoryContext, FilterStatus, HttpFilter, HttpFilterFactory
 from microenvoy.core.headers import HOP_BY_HOP, Headers
 from microenvoy.extensions import http_filter_module
+from microenvoy.io.upstream import UpstreamError
 from microenvoy.router.table import RouteEntry, RouteTable
 
 if TYPE_CHECKING:
@@ -164,9 +165,36 @@ class HttpFront:
             factories.append(module.make_factory(f.config, ctx))
         self.factories = tuple(factories)
         self.max_request_bytes = config.max_request_bytes
+        self.active: set[ActiveStream] = set()
+        """Open exchanges (for the idle sweep)."""
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<HttpFront {self.config.stat_prefix!r} filters={len(self.factories)}>"
+
+    # Stream idle timeouts: one sweep per front instead of a timer per exchange.
+    def track(self, stream: ActiveStream) -> None:
+        self.active.add(stream)
+        if self._sweep_handle is None and self.config.stream_idle_timeout > 0:
+            self._schedule_sweep()
+
+    def untrack(self, stream: ActiveStream) -> None:
+        self.active.discard(stream)
+
+    def _schedule_sweep(self) -> None:
+        idle = self.config.stream_idle_timeout
+        interval = max(0.05, min(idle / 4, 5.0))
+        self._sweep_handle = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_handle = None
+        idle = self.config.stream_idle_timeout
+        now = time.monotonic()
+        for s in [s for s in self.active if now - s.last_activity >= idle]:
+            self.active.discard(s)
+            s.idle_expired()
+        if self.active:
+            self._schedule_sweep()
 
     def config_dump(self) -> dict[str, Any]:
         return {"stat_prefix": self.config.stat_prefix, "filters": [f.name for f in self.factories]}
@@ -252,19 +280,19 @@ class ActiveStream:
         "_decode_index",
         "_encode_resume",
         "_filters",
-        "_idle_handle",
-        "_last_activity",
         "_local",
         "_replay",
         "_replayable",
         "_request_timer",
         "_resume",
         "_task",
+        "_timed_out",
         "body",
         "conn",
         "entry",
         "exchange",
         "front",
+        "last_activity",
         "response_started",
         "stream_id",
     )
@@ -303,8 +331,8 @@ class ActiveStream:
         self._replayable = True
         self._attempt_body = 0
         self._body_bytes = 0
-        self._last_activity = self.exchange.start_time
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self.last_activity = self.exchange.start_time
+        self._timed_out = False
         front.stats.rq_total.inc()
         front.stats.rq_active.inc()
         front.stats.by_protocol(downstream.protocol)
@@ -312,9 +340,7 @@ class ActiveStream:
             front.stats.rq_early_data.inc()
         self._task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._run())
         loop = asyncio.get_running_loop()
-        idle = front.config.stream_idle_timeout
-        if idle > 0:
-            self._idle_handle = loop.call_later(idle, self._check_idle)
+        front.track(self)
         self._request_timer: asyncio.TimerHandle | None = None
         rt = front.config.request_timeout
         if rt > 0 and not self.body.ended:
@@ -325,7 +351,7 @@ class ActiveStream:
 
     # ---------------------------------------------------------------- events from the connection
     def on_data(self, data: bytes, end_stream: bool, fc_len: int) -> None:
-        self._last_activity = time.monotonic()
+        self.last_activity = time.monotonic()
         self.exchange.request_body_bytes += len(data)
         limit = self._body_limit()
         if limit is not None and self.exchange.request_body_bytes > limit:
@@ -336,7 +362,7 @@ class ActiveStream:
         self.body.push(data, fc_len, end_stream)
 
     def on_trailers(self, trailers: Headers) -> None:
-        self._last_activity = time.monotonic()
+        self.last_activity = time.monotonic()
         self.body.finish(trailers)
 
     def on_reset(self, reason: str = "remote_reset") -> None:
@@ -368,18 +394,11 @@ class ActiveStream:
         self.front.stats.rq_timeout.inc()
         self._fail_local(_LocalReply(408, "request timeout", "request_overall_timeout"))
 
-    def _check_idle(self) -> None:
-        idle = self.front.config.stream_idle_timeout
-        now = time.monotonic()
-        if now - self._last_activity >= idle:
-            self.front.stats.rq_idle_timeout.inc()
-            self.exchange.response_flags.add(ResponseFlag.STREAM_IDLE_TIMEOUT)
-            self._fail_local(_LocalReply(408, "stream timeout", "stream_idle_timeout"))
-            self._idle_handle = None
-        else:
-            self._idle_handle = asyncio.get_running_loop().call_later(
-                idle - (now - self._last_activity), self._check_idle
-            )
+    def idle_expired(self) -> None:
+        """``stream_idle_timeout`` passed without activity (called by the front's sweep)."""
+        self.front.stats.rq_idle_timeout.inc()
+        self.exchange.response_flags.add(ResponseFlag.STREAM_IDLE_TIMEOUT)
+        self._fail_local(_LocalReply(408, "stream timeout", "stream_idle_timeout"))
 
     # ------------------------------------------------------------ FilterCallbacks for the filters
     @property
@@ -595,31 +614,30 @@ class ActiveStream:
     ) -> tuple[UpstreamStream, Headers] | str:
         """One upstream try: headers, body pump, response headers. Returns (stream, headers) or a failure
         kind (``connect-failure``, ``reset``, ``per-try-timeout``, ``timeout`` ...)."""
-        from microenvoy.io.upstream import UpstreamError
-
         end_stream = (
             self.body.ended and not self.body.chunks and not self._replay and self.body.trailers is None
         )
         us: UpstreamStream | None = None
         pump: asyncio.Task[None] | None = None
+        timer = self._arm_deadline(try_deadline)
         try:
-            async with asyncio.timeout_at(try_deadline):
-                us = await cluster.open_stream(host, headers.copy(), end_stream=end_stream)
-                if not end_stream:
-                    pump = asyncio.get_running_loop().create_task(self._pump_request(us))
-                resp = await us.read_headers()
+            us = await cluster.open_stream(host, headers.copy(), end_stream=end_stream)
+            if not end_stream:
+                pump = asyncio.get_running_loop().create_task(self._pump_request(us))
+            resp = await us.read_headers()
             return us, resp
         except UpstreamError as exc:
             if pump is not None:
                 pump.cancel()
             return str(exc.kind)
-        except TimeoutError:
+        except asyncio.CancelledError:
             if pump is not None:
                 pump.cancel()
             if us is not None:
                 us.reset()
-            loop = asyncio.get_running_loop()
-            if deadline is not None and loop.time() >= deadline - 1e-3:
+            if not self._deadline_passed():
+                raise
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline - 1e-3:
                 return "timeout"
             return "per-try-timeout"
         except BaseException:
@@ -628,11 +646,30 @@ class ActiveStream:
             if us is not None:
                 us.reset()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    # Deadlines: one timer that cancels this exchange's task (cheaper than asyncio.timeout() per await).
+    def _arm_deadline(self, when: float | None) -> asyncio.TimerHandle | None:
+        self._timed_out = False
+        if when is None:
+            return None
+        return asyncio.get_running_loop().call_at(when, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timed_out = True
+        self._task.cancel()
+
+    def _deadline_passed(self) -> bool:
+        """In an ``except CancelledError``: was it our deadline (and nothing else cancelled us)?"""
+        if not self._timed_out:
+            return False
+        self._timed_out = False
+        return self._task.uncancel() == 0
 
     async def _pump_request(self, us: UpstreamStream) -> None:
         """Request body (replayed part first) and trailers to the upstream, crediting the downstream."""
-        from microenvoy.io.upstream import UpstreamError
-
         conn = self.conn
         sid = self.stream_id
         limit = self.front.buffer_limit
@@ -661,7 +698,7 @@ class ActiveStream:
                         self._replay.clear()
                 await us.send_data(data, False)
                 conn.acknowledge(sid, fc_len)
-                self._last_activity = time.monotonic()
+                self.last_activity = time.monotonic()
             if self.body.trailers is not None:
                 await us.send_trailers(self.body.trailers)
             else:
@@ -723,38 +760,39 @@ class ActiveStream:
         if ended:
             return
         filters = self._filters
+        timer = self._arm_deadline(deadline)
         try:
-            async with asyncio.timeout_at(deadline):
-                while True:
-                    item = await us.read_body()
-                    self._last_activity = time.monotonic()
-                    if item is None:
-                        await self.conn.send_body(self.stream_id, b"", True)
-                        return
-                    if isinstance(item, Headers):
-                        for f in reversed(filters):
-                            f.encode_trailers(item)
-                        self.conn.send_trailers(self.stream_id, item)
-                        return
+            while True:
+                item = await us.read_body()
+                self.last_activity = time.monotonic()
+                if item is None:
+                    await self.conn.send_body(self.stream_id, b"", True)
+                    return
+                if isinstance(item, Headers):
                     for f in reversed(filters):
-                        f.encode_data(item, False)
-                    ex.response_body_bytes += len(item)
-                    await self.conn.send_body(self.stream_id, item, False)
-        except TimeoutError:
-            ex.response_flags.add(ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)
-            us.reset()
-            self.conn.reset_stream(self.stream_id)
-        except Exception as exc:
-            from microenvoy.io.upstream import UpstreamError
-
-            if not isinstance(exc, UpstreamError):
-                raise
+                        f.encode_trailers(item)
+                    self.conn.send_trailers(self.stream_id, item)
+                    return
+                for f in reversed(filters):
+                    f.encode_data(item, False)
+                ex.response_body_bytes += len(item)
+                await self.conn.send_body(self.stream_id, item, False)
+        except UpstreamError:
             ex.response_flags.add(ResponseFlag.UPSTREAM_REMOTE_RESET)
             self.front.stats.rq_tx_reset.inc()
+            self.conn.reset_stream(self.stream_id)
+        except asyncio.CancelledError:
+            us.reset()
+            if not self._deadline_passed():
+                raise
+            ex.response_flags.add(ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)
             self.conn.reset_stream(self.stream_id)
         except BaseException:
             us.reset()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _decorate_response(self, headers: Headers) -> None:
         front = self.front
@@ -819,9 +857,7 @@ class ActiveStream:
     def _complete(self) -> None:
         front = self.front
         ex = self.exchange
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        front.untrack(self)
         if self._request_timer is not None:
             self._request_timer.cancel()
             self._request_timer = None
