@@ -23,7 +23,6 @@ output h2 would discard) and refuses new streams itself.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import h2.config
@@ -34,6 +33,7 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
+from microenvoy.codecs.hpack_lite import LiteralEncoder
 from microenvoy.config.model import Http2Options
 from microenvoy.core.errors import CodecError
 from microenvoy.core.events import (
@@ -93,9 +93,8 @@ class Http2ClientCodec:
             normalize_outbound_headers=False,
         )
         self._conn = h2.connection.H2Connection(config=config)
-        # Huffman coding saves a few bytes per header block on a LAN hop and costs more CPU than the
-        # rest of the encoding: send plain literals (the dynamic table still indexes repeated fields).
-        self._conn.encoder.encode = functools.partial(self._conn.encoder.encode, huffman=False)  # type: ignore[method-assign]
+        # Static table + raw literals only (see hpack_lite): the cheapest valid HPACK for a LAN hop.
+        self._conn.encoder = LiteralEncoder()  # type: ignore[assignment]
         self._conn.local_settings = h2.settings.Settings(
             client=True,
             initial_values={

@@ -773,10 +773,13 @@ class ActiveStream:
                         f.encode_trailers(item)
                     self.conn.send_trailers(self.stream_id, item)
                     return
+                last = us.response_complete  # the end already arrived: send it with this chunk
                 for f in reversed(filters):
-                    f.encode_data(item, False)
+                    f.encode_data(item, last)
                 ex.response_body_bytes += len(item)
-                await self.conn.send_body(self.stream_id, item, False)
+                await self.conn.send_body(self.stream_id, item, last)
+                if last:
+                    return
         except UpstreamError:
             ex.response_flags.add(ResponseFlag.UPSTREAM_REMOTE_RESET)
             self.front.stats.rq_tx_reset.inc()
