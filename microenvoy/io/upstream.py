@@ -504,11 +504,19 @@ class _H2Stream(UpstreamStream):
         conn.flush()
         conn.forget(self.stream_id)
 
-    def _release_credit(self) -> None:
-        """Unread buffered data still holds connection window: give it back when the stream dies."""
+    def _release_credit(self, keep_body: bool = False) -> None:
+        """Unread buffered data still holds connection window: give it back when the stream dies.
+
+        ``keep_body``: the response was complete before the reset (a server may answer and then reset the
+        request side, RFC 9113 section 8.1): the reader still gets the buffered body, only its credit is
+        returned now.
+        """
         if self._unacked:
             self._conn.acknowledge(self.stream_id, self._unacked)
             self._unacked = 0
+        if keep_body:
+            self._body = collections.deque((data, 0) for data, _ in self._body)
+            return
         self._body.clear()
         self._buffered = 0
 
@@ -800,7 +808,7 @@ class _H2Connection(_ConnectionBase):
                 if not s._response_ended:
                     self.stats.rq_rx_reset.inc()
                 s._fail(err)
-                s._release_credit()
+                s._release_credit(keep_body=s._response_ended)
                 self._wake_window()
                 self._maybe_idle()
         elif isinstance(ev, WindowOpened):

@@ -140,7 +140,8 @@ class H2TestServer:
     """An asyncio HTTP/2 server with scripted behaviour per path.
 
     ``/echo`` body echo (+ the request's trailers and ``x-server-trailer`` back); ``/hold`` waits for
-    ``release()``; ``/refuse`` RST_STREAM REFUSED_STREAM (``/refuse-once``: only the first time); ``/reset``
+    ``release()``; ``/answer-early`` answers at once and resets the unfinished request (NO_ERROR);
+    ``/refuse`` RST_STREAM REFUSED_STREAM (``/refuse-once``: only the first time); ``/reset``
     RST_STREAM INTERNAL_ERROR; ``/goaway`` GOAWAY with last_stream_id = this stream - 2, at least 0 (earlier
     streams still finish); ``/big/<n>`` n bytes under
     flow control; ``/drop`` headers + some data then the TCP connection is cut; ``/slow`` does not hand
@@ -239,6 +240,10 @@ class _H2ServerProto(asyncio.Protocol):
                 self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             elif path == "/reset":
                 self.conn.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            elif path == "/answer-early":  # as nginx's `return`: answer, then stop the request body
+                self.conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"5")])
+                self.conn.send_data(sid, b"early", end_stream=True)
+                self.conn.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
             elif path == "/goaway":
                 self.conn.close_connection(last_stream_id=max(0, sid - 2))
                 # h2 refuses to send anything after its own GOAWAY; real servers finish earlier streams.
@@ -960,3 +965,27 @@ async def test_response_complete_only_when_nothing_is_left_to_read(
     s = await cm.get("h1").open_stream(cm.get("h1").choose_host(), request("/status/204"), end_stream=True)
     await s.read_headers()
     assert s.response_complete
+
+
+async def test_complete_response_survives_a_reset_of_the_request_side(h2server: Any, manager: Any) -> None:
+    """RFC 9113 section 8.1: a server may answer before the request body ended, then RST_STREAM(NO_ERROR).
+    The buffered response must still reach the reader, even when the reset was processed first."""
+    srv = await h2server()
+    cm = manager(cluster("h2", srv.port, http2=True))
+    cl = cm.get("h2")
+    host = cl.choose_host()
+    assert host is not None
+    s = await cl.open_stream(host, request("/answer-early", "POST"), end_stream=False)
+    await asyncio.wait_for(_until(lambda: s._response_ended), 5)  # type: ignore[attr-defined]
+    conn = s._conn  # type: ignore[attr-defined]
+    await asyncio.wait_for(_until(lambda: s.stream_id not in conn.streams), 5)  # the reset arrived too
+    head, data, _ = await read_all(s)
+    assert head.get(b":status") == b"200"
+    assert data == b"early"
+    await s.send_data(b"rest of the body", True)  # dropped quietly, no error
+
+
+async def _until(cond: Any) -> None:
+    """Poll a condition on the loop (bounded by the caller's wait_for)."""
+    while not cond():  # noqa: ASYNC110 - the state lives in the pool, there is no event to wait on
+        await asyncio.sleep(0.005)
