@@ -394,6 +394,11 @@ class H3Client:
         sock = self._new_socket()
         protocol._transport.close()
         await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        # Announce the new path at once with an ack-eliciting PING. Without it, a client that is only
+        # receiving may send nothing more: the server's packets go to the closed old port, no ACK is due,
+        # and the connection stalls until an idle timeout (a race that made transfer tests flaky).
+        self._quic.send_ping(0)
+        protocol.transmit()
         return old, self.local_address
 
     async def ping(self, within: float = 5.0) -> None:
