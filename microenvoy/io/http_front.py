@@ -547,55 +547,48 @@ class ActiveStream:
                 t = loop.time() + per_try
                 try_deadline = t if deadline is None else min(t, deadline)
             outcome = await self._attempt(cluster, host, headers, try_deadline, deadline)
+            # The retry policy sees an upstream answer, a failure kind, or a per-try timeout, which Envoy
+            # treats as a 504 for 5xx/gateway-error and as "no response" for reset.
             if isinstance(outcome, tuple):
                 us, resp = outcome
-                status = _status(resp)
-                if retry is not None and self._can_replay() and retry.should_retry_headers(status, resp):
-                    us.reset()
-                    cstats.counter("upstream_rq_retry").inc()
-                    await self._backoff(retry.next_backoff(), deadline)
-                    continue
-                if retry is not None and retry.limit_exceeded:
-                    ex.response_flags.add(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
-                    cstats.counter("upstream_rq_retry_limit_exceeded").inc()
-                await self._respond(us, resp, deadline)
-                return
-            kind = outcome
-            if kind == "per-try-timeout" and (deadline is None or loop.time() < deadline):
-                cstats.counter("upstream_rq_per_try_timeout").inc()
-                if retry is not None and self._can_replay() and retry.should_retry_reset("reset"):
-                    cstats.counter("upstream_rq_retry").inc()
-                    await self._backoff(retry.next_backoff(), deadline)
-                    continue
-                kind = "timeout"
-            if kind in ("timeout", "per-try-timeout"):
-                cstats.counter("upstream_rq_timeout").inc()
-                raise _LocalReply(504, "upstream request timeout", "upstream_response_timeout",
-                                  ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)  # fmt: skip
-            retry_kind = {"connect-timeout": "connect-failure"}.get(kind, kind)
-            if retry is not None and self._can_replay() and retry.should_retry_reset(retry_kind):
-                cstats.counter("upstream_rq_retry").inc()
-                await self._backoff(retry.next_backoff(), deadline)
-                continue
-            if retry is not None and retry.limit_exceeded:
-                ex.response_flags.add(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
-            if kind == "overflow":
-                raise _LocalReply(
-                    503, "upstream overflow", "upstream_overflow", ResponseFlag.UPSTREAM_OVERFLOW
+                wanted = (
+                    retry is not None and self._replayable and retry.should_retry_headers(_status(resp), resp)
                 )
-            if kind in ("connect-failure", "connect-timeout"):
-                raise _LocalReply(
-                    503,
-                    "upstream connect error or disconnect/reset before headers",
-                    "upstream_connect_failure",
-                    ResponseFlag.UPSTREAM_CONNECTION_FAILURE,
-                )
-            raise _LocalReply(503, "upstream connect error or disconnect/reset before headers",
-                              "upstream_reset_before_response_started",
-                              ResponseFlag.UPSTREAM_REMOTE_RESET)  # fmt: skip
-
-    def _can_replay(self) -> bool:
-        return self._replayable
+                if not wanted:
+                    if retry is not None and retry.limit_exceeded:
+                        ex.response_flags.add(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
+                        cstats.counter("upstream_rq_retry_limit_exceeded").inc()
+                    await self._respond(us, resp, deadline)
+                    return
+                us.reset()
+            else:
+                kind = outcome
+                if kind == "per-try-timeout" and (deadline is None or loop.time() < deadline):
+                    cstats.counter("upstream_rq_per_try_timeout").inc()
+                    wanted = (
+                        retry is not None
+                        and self._replayable
+                        and (
+                            retry.should_retry_headers(504, _NO_HEADERS) or retry.should_retry_reset("reset")
+                        )
+                    )
+                    if not wanted:
+                        kind = "timeout"
+                else:
+                    retry_kind = "connect-failure" if kind == "connect-timeout" else kind
+                    wanted = (
+                        kind != "timeout"
+                        and retry is not None
+                        and self._replayable
+                        and retry.should_retry_reset(retry_kind)
+                    )
+                if not wanted:
+                    if retry is not None and retry.limit_exceeded:
+                        ex.response_flags.add(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
+                    raise _failure_reply(kind, cstats)
+            assert retry is not None
+            cstats.counter("upstream_rq_retry").inc()
+            await self._backoff(retry.next_backoff(), deadline)
 
     async def _backoff(self, delay: float, deadline: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -889,6 +882,33 @@ def _request_id(rng: _random.Random) -> bytes:
     logs, without an ``os.urandom`` system call per request."""
     h = "%032x" % (rng.getrandbits(128) & ~(0xF << 76) & ~(0x3 << 62) | (0x4 << 76) | (0x2 << 62))
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+
+
+_NO_HEADERS = Headers()
+
+
+_RESET_TEXT = "upstream connect error or disconnect/reset before headers"
+
+
+def _failure_reply(kind: str, cstats: Scope) -> _LocalReply:
+    """The local reply for an upstream failure that will not be retried."""
+    if kind in ("timeout", "per-try-timeout"):
+        cstats.counter("upstream_rq_timeout").inc()
+        return _LocalReply(
+            504,
+            "upstream request timeout",
+            "upstream_response_timeout",
+            ResponseFlag.UPSTREAM_REQUEST_TIMEOUT,
+        )
+    if kind == "overflow":
+        return _LocalReply(503, "upstream overflow", "upstream_overflow", ResponseFlag.UPSTREAM_OVERFLOW)
+    if kind in ("connect-failure", "connect-timeout"):
+        return _LocalReply(
+            503, _RESET_TEXT, "upstream_connect_failure", ResponseFlag.UPSTREAM_CONNECTION_FAILURE
+        )
+    return _LocalReply(
+        503, _RESET_TEXT, "upstream_reset_before_response_started", ResponseFlag.UPSTREAM_REMOTE_RESET
+    )
 
 
 def _status(headers: Headers) -> int:
