@@ -30,7 +30,6 @@ from microenvoy.core.headers import HOP_BY_HOP, Headers
 __all__ = ["Http1ServerCodec"]
 
 
-
 class Http1ServerCodec:
     """Sans-IO HTTP/1.1 server side of one connection."""
 
