@@ -10,17 +10,21 @@ they were the largest single cost of an upstream request). Each field becomes:
   there, the value as a raw (non-Huffman) string.
 
 The first block starts with a dynamic table size update to 0 (section 6.3), so the peer's decoder keeps no
-table for us and later SETTINGS_HEADER_TABLE_SIZE changes need no signal. Decoding responses stays with
-the ``hpack`` library (the peer chooses its own encoding).
+table for us and later SETTINGS_HEADER_TABLE_SIZE changes need no signal.
+
+``LiteDecoder`` is a full decoder (the peer chooses its encoding) without the ``hpack`` library's per-field
+debug logging, and with a small cache of Huffman-decoded strings (see its docstring).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from hpack.exceptions import HPACKDecodingError
+from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
-__all__ = ["LiteralEncoder", "encode_integer"]
+__all__ = ["HpackError", "LiteDecoder", "LiteralEncoder", "encode_integer"]
 
 _STATIC_FULL: dict[tuple[bytes, bytes], int] = {}
 _STATIC_NAME: dict[bytes, int] = {}
@@ -78,3 +82,147 @@ class LiteralEncoder:
             out += encode_integer(len(value), 7, 0x00)
             out += value
         return bytes(out)
+
+
+class HpackError(ValueError):
+    """A header block that does not decode (a COMPRESSION_ERROR for the connection)."""
+
+
+_STATIC = HeaderTable.STATIC_TABLE
+_STATIC_LEN = len(_STATIC)
+
+
+def _decode_int(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    limit = (1 << prefix_bits) - 1
+    value = data[pos] & limit
+    pos += 1
+    if value < limit:
+        return value, pos
+    shift = 0
+    while True:
+        if pos >= len(data):
+            raise HpackError("truncated integer")
+        b = data[pos]
+        pos += 1
+        value += (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+        if shift > 28:
+            raise HpackError("integer too large")
+
+
+class LiteDecoder:
+    """An HPACK decoder (RFC 7541) without per-field logging, with Huffman results cached.
+
+    Upstreams repeat the same few values (``server``, ``content-type``, ``date`` within a second), so a small
+    cache of Huffman-coded byte strings -> decoded bytes turns most Huffman work into a dict lookup.
+    Dynamic table, size updates and eviction follow sections 4 and 6.3; errors raise ``HpackError``.
+    """
+
+    __slots__ = ("_dynamic", "_huffman_cache", "_limit", "_size", "max_header_list_size", "max_table_size")
+
+    HUFFMAN_CACHE = 512
+
+    def __init__(self, max_table_size: int = 4096, max_header_list_size: int = 65536) -> None:
+        self._dynamic: list[tuple[bytes, bytes]] = []
+        """Newest first (index 62 is ``_dynamic[0]``)."""
+        self._size = 0
+        self.max_table_size = max_table_size
+        """Our SETTINGS_HEADER_TABLE_SIZE: the largest size update the peer may announce."""
+        self._limit = max_table_size
+        """The size the peer's encoder currently uses."""
+        self.max_header_list_size = max_header_list_size
+        self._huffman_cache: dict[bytes, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"<LiteDecoder entries={len(self._dynamic)} size={self._size}/{self._limit}>"
+
+    def _get(self, index: int) -> tuple[bytes, bytes]:
+        if index == 0:
+            raise HpackError("index 0")
+        if index <= _STATIC_LEN:
+            return _STATIC[index - 1]
+        try:
+            return self._dynamic[index - _STATIC_LEN - 1]
+        except IndexError:
+            raise HpackError(f"index {index} beyond the dynamic table") from None
+
+    def _add(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + 32
+        if size > self._limit:
+            self._dynamic.clear()
+            self._size = 0
+            return
+        self._dynamic.insert(0, (name, value))
+        self._size += size
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._size > self._limit and self._dynamic:
+            n, v = self._dynamic.pop()
+            self._size -= len(n) + len(v) + 32
+
+    def _string(self, data: bytes, pos: int) -> tuple[bytes, int]:
+        if pos >= len(data):
+            raise HpackError("truncated string")
+        huffman = data[pos] & 0x80
+        length, pos = _decode_int(data, pos, 7)
+        end = pos + length
+        if end > len(data):
+            raise HpackError("string longer than the block")
+        raw = data[pos:end]
+        if not huffman:
+            return raw, end
+        cached = self._huffman_cache.get(raw)
+        if cached is None:
+            try:
+                cached = decode_huffman(raw)
+            except HPACKDecodingError as e:
+                raise HpackError(str(e)) from None
+            if len(self._huffman_cache) >= self.HUFFMAN_CACHE:
+                self._huffman_cache.clear()
+            self._huffman_cache[raw] = cached
+        return cached, end
+
+    def decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        pos = 0
+        n = len(data)
+        total = 0
+        while pos < n:
+            b = data[pos]
+            if b & 0x80:  # 6.1 indexed field
+                index, pos = _decode_int(data, pos, 7)
+                field = self._get(index)
+            elif b & 0x40:  # 6.2.1 literal with incremental indexing
+                index, pos = _decode_int(data, pos, 6)
+                if index:
+                    name = self._get(index)[0]
+                else:
+                    name, pos = self._string(data, pos)
+                value, pos = self._string(data, pos)
+                field = (name, value)
+                self._add(name, value)
+            elif b & 0x20:  # 6.3 dynamic table size update: only at the start of a block
+                if out:
+                    raise HpackError("table size update after a field")
+                size, pos = _decode_int(data, pos, 5)
+                if size > self.max_table_size:
+                    raise HpackError(f"table size update {size} over our limit {self.max_table_size}")
+                self._limit = size
+                self._evict()
+                continue
+            else:  # 6.2.2 / 6.2.3 literal without indexing / never indexed
+                index, pos = _decode_int(data, pos, 4)
+                if index:
+                    name = self._get(index)[0]
+                else:
+                    name, pos = self._string(data, pos)
+                value, pos = self._string(data, pos)
+                field = (name, value)
+            total += len(field[0]) + len(field[1]) + 32
+            if total > self.max_header_list_size:
+                raise HpackError("header list larger than SETTINGS_MAX_HEADER_LIST_SIZE")
+            out.append(field)
+        return out

@@ -3,8 +3,8 @@
 Theory of operation: a small, purpose-built HTTP/2 client (RFC 9113) for the agent's upstream hop. It was
 written instead of wrapping the ``h2`` library because that library's generic state machine was a third of
 the agent's CPU per proxied request (docs/benchmarks.md); this codec does only what a client needs and keeps
-every check the RFC requires of one. Header blocks are decoded by the ``hpack`` library and encoded with the
-static table and raw literals (``microenvoy.codecs.hpack_lite``).
+every check the RFC requires of one. Header blocks are encoded with the static table and raw literals and
+decoded by a lean HPACK decoder (both in ``microenvoy.codecs.hpack_lite``).
 
 ``initiate()`` queues the connection preface and our SETTINGS (section 3.4; ENABLE_PUSH 0, our concurrency,
 initial window and header list size) and raises the connection window to the configured size. The I/O layer
@@ -30,12 +30,8 @@ with reason ``refused_stream`` (safe to retry); streams at or below it still com
 from __future__ import annotations
 
 import struct
-from typing import cast
 
-import hpack
-import hpack.exceptions
-
-from microenvoy.codecs.hpack_lite import LiteralEncoder
+from microenvoy.codecs.hpack_lite import HpackError, LiteDecoder, LiteralEncoder
 from microenvoy.config.model import Http2Options
 from microenvoy.core.errors import CodecError
 from microenvoy.core.events import (
@@ -141,8 +137,7 @@ class Http2ClientCodec:
         self._block: tuple[int, int, bytearray] | None = None
         """A header block waiting for CONTINUATION frames: (stream, HEADERS flags, fragment)."""
         self._encoder = LiteralEncoder()
-        self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = max_header_list_size
+        self._decoder = LiteDecoder(max_header_list_size=max_header_list_size)
         self._max_header_list = max_header_list_size
         self._max_concurrent = options.max_concurrent_streams
         self._local_window = options.initial_stream_window_size
@@ -376,7 +371,7 @@ class Http2ClientCodec:
         except _ConnError as e:
             del buf[:]
             return self._connection_error(e, out)
-        except (hpack.exceptions.HPACKError, IndexError, ValueError) as e:
+        except HpackError as e:
             del buf[:]
             return self._connection_error(_ConnError(COMPRESSION_ERROR, f"header block: {e}"), out)
         del buf[:pos]
@@ -491,7 +486,7 @@ class Http2ClientCodec:
 
     def _on_headers(self, sid: int, flags: int, block: bytes, out: list[Event]) -> None:
         # Always decoded, even for a stream we dropped: the HPACK state must advance.
-        fields = cast(list[tuple[bytes, bytes]], self._decoder.decode(block, raw=True))
+        fields = self._decoder.decode(block)
         s = self._known(sid)
         if s is None:
             return
