@@ -26,11 +26,10 @@ from hpack.table import HeaderTable
 
 __all__ = ["HpackError", "LiteDecoder", "LiteralEncoder", "encode_integer"]
 
-_STATIC_FULL: dict[tuple[bytes, bytes], int] = {}
-_STATIC_NAME: dict[bytes, int] = {}
-for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, start=1):
-    _STATIC_FULL.setdefault((_n, _v), _i)
-    _STATIC_NAME.setdefault(_n, _i)
+_STATIC_FULL: dict[tuple[bytes, bytes], bytes] = {}
+"""(name, value) in the static table -> its indexed-field encoding."""
+_STATIC_NAME: dict[bytes, bytes] = {}
+"""name in the static table -> the first byte(s) of a literal without indexing with that indexed name."""
 
 
 def encode_integer(value: int, prefix_bits: int, first_byte: int) -> bytes:
@@ -45,6 +44,11 @@ def encode_integer(value: int, prefix_bits: int, first_byte: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, start=1):
+    _STATIC_FULL.setdefault((_n, _v), encode_integer(_i, 7, 0x80))
+    _STATIC_NAME.setdefault(_n, encode_integer(_i, 4, 0x00))
 
 
 class LiteralEncoder:
@@ -68,18 +72,20 @@ class LiteralEncoder:
         full = _STATIC_FULL
         names = _STATIC_NAME
         for name, value in headers:
-            idx = full.get((name, value))
-            if idx is not None:
-                out += encode_integer(idx, 7, 0x80)
+            indexed = full.get((name, value))
+            if indexed is not None:
+                out += indexed
                 continue
-            nidx = names.get(name)
-            if nidx is not None:
-                out += encode_integer(nidx, 4, 0x00)
+            prefix = names.get(name)
+            if prefix is not None:
+                out += prefix
             else:
                 out.append(0x00)
-                out += encode_integer(len(name), 7, 0x00)
+                n = len(name)
+                out += bytes((n,)) if n < 127 else encode_integer(n, 7, 0x00)
                 out += name
-            out += encode_integer(len(value), 7, 0x00)
+            n = len(value)
+            out += bytes((n,)) if n < 127 else encode_integer(n, 7, 0x00)
             out += value
         return bytes(out)
 

@@ -646,12 +646,23 @@ def _response_status(fields: list[tuple[bytes, bytes]]) -> int | None:
     return status
 
 
+_VALID: set[tuple[bytes, bytes]] = set()
+"""Fields already checked (upstreams repeat the same few): a set lookup instead of the checks."""
+
+
 def _valid_fields(fields: list[tuple[bytes, bytes]]) -> bool:
     """Section 8.2: lower-case names, no connection-specific fields, no CR/LF/NUL in values."""
-    for k, v in fields:
+    valid = _VALID
+    for field in fields:
+        if field in valid:
+            continue
+        k, v = field
         if k in CONNECTION_SPECIFIC or (k == b"te" and v != b"trailers") or k != k.lower() or not k:
             return False
         for bad in _BAD_VALUE:
             if bad in v:
                 return False
+        if len(valid) >= 1024:
+            valid.clear()
+        valid.add(field)
     return True

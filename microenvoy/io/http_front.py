@@ -448,6 +448,8 @@ class ActiveStream:
             except _LocalReply as reply:
                 await self._send_local(reply)
             except asyncio.CancelledError:
+                if self._deadline_passed():  # fired outside an attempt (e.g. during a retry backoff)
+                    self._local = _failure_reply("timeout", self.exchange_cluster_stats())
                 if self._local is not None and not self.response_started:
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.shield(self._send_local(self._local))
@@ -533,8 +535,26 @@ class ActiveStream:
         deadline = loop.time() + timeout if timeout > 0 else None
         retry = entry.retry_state(front.random)
         per_try = entry.retry_policy.per_try_timeout if entry.retry_policy is not None else None
-        cstats = cluster.stats
 
+        timer = self._arm_deadline(deadline)  # the route timeout: one timer for every attempt and the body
+        try:
+            await self._attempts(cluster, headers, deadline, retry, per_try)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _attempts(
+        self,
+        cluster: Any,
+        headers: Headers,
+        deadline: float | None,
+        retry: Any,
+        per_try: float | None,
+    ) -> None:
+        """Attempts until an answer is forwarded or a failure becomes a local reply (raised)."""
+        ex = self.exchange
+        loop = asyncio.get_running_loop()
+        cstats = cluster.stats
         while True:
             ex.attempts += 1
             host = cluster.choose_host()
@@ -612,7 +632,7 @@ class ActiveStream:
         )
         us: UpstreamStream | None = None
         pump: asyncio.Task[None] | None = None
-        timer = self._arm_deadline(try_deadline)
+        timer = self._arm_deadline(try_deadline) if try_deadline != deadline else None
         try:
             us = await cluster.open_stream(host, headers.copy(), end_stream=end_stream)
             if not end_stream:
@@ -645,7 +665,6 @@ class ActiveStream:
 
     # Deadlines: one timer that cancels this exchange's task (cheaper than asyncio.timeout() per await).
     def _arm_deadline(self, when: float | None) -> asyncio.TimerHandle | None:
-        self._timed_out = False
         if when is None:
             return None
         return asyncio.get_running_loop().call_at(when, self._on_deadline)
@@ -653,6 +672,11 @@ class ActiveStream:
     def _on_deadline(self) -> None:
         self._timed_out = True
         self._task.cancel()
+
+    def exchange_cluster_stats(self) -> Scope:
+        name = self.exchange.upstream_cluster
+        cluster = self.front.clusters.get(name) if name else None
+        return cluster.stats if cluster is not None else self.front.scope
 
     def _deadline_passed(self) -> bool:
         """In an ``except CancelledError``: was it our deadline (and nothing else cancelled us)?"""
@@ -753,7 +777,6 @@ class ActiveStream:
         if ended:
             return
         filters = self._filters
-        timer = self._arm_deadline(deadline)
         try:
             while True:
                 item = await us.read_body()
@@ -786,9 +809,6 @@ class ActiveStream:
         except BaseException:
             us.reset()
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
 
     def _decorate_response(self, headers: Headers) -> None:
         front = self.front
