@@ -55,6 +55,11 @@ log = logging.getLogger("microenvoy.http")
 ROUTER = "envoy.filters.http.router"
 
 _METADATA_PREFIX = b"x-microenvoy-"
+# Never copied to the upstream request: hop-by-hop fields (te is re-added as "te: trailers" when asked),
+# Host (``:authority`` carries it), and the forwarding fields the agent sets itself.
+_DROPPED_UPSTREAM = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"x-forwarded-proto"}
+# Never copied to the downstream response: hop-by-hop fields, and ``server`` (the agent's replaces it).
+_DROPPED_DOWNSTREAM = HOP_BY_HOP | {b"server"}
 
 # Local replies for gRPC requests carry a gRPC status as Envoy does (timeouts are DEADLINE_EXCEEDED,
 # overload/rate limiting RESOURCE_EXHAUSTED); other codes use the gRPC HTTP-to-status mapping.
@@ -724,37 +729,40 @@ class ActiveStream:
             return  # read_headers reports the failure
 
     def _upstream_headers(self, entry: RouteEntry) -> Headers:
+        """The request as it leaves: hop-by-hop and metadata fields dropped, forwarding fields added
+        (one pass over the fields; ``Headers.set`` would rebuild the list each time)."""
         ex = self.exchange
         front = self.front
-        src = ex.request_headers
         out: list[tuple[bytes, bytes]] = []
         te_trailers = False
         xff: bytes | None = None
-        for k, v in src:
-            if k == b"te":  # hop-by-hop, but "te: trailers" is kept (gRPC needs it)
-                te_trailers = te_trailers or b"trailers" in v.lower()
+        request_id = False
+        early = ex.downstream.early_data
+        for k, v in ex.request_headers:
+            if k in _DROPPED_UPSTREAM or k.startswith(_METADATA_PREFIX):
+                if k == b"te":  # hop-by-hop, but "te: trailers" is kept (gRPC needs it)
+                    te_trailers = te_trailers or b"trailers" in v.lower()
+                elif k == b"x-forwarded-for":
+                    xff = v
                 continue
-            if k in HOP_BY_HOP or k.startswith(_METADATA_PREFIX):
-                continue
-            if k == b"host":
-                continue  # :authority carries it
-            if k == b"x-forwarded-for":
-                xff = v
-                continue
+            if k == b"x-request-id":
+                request_id = True
+            elif k == b"early-data":  # RFC 8470 section 5.1: an earlier hop's mark is never removed
+                early = False
             out.append((k, v))
-        h = Headers(out)
         if te_trailers:
-            h.add(b"te", b"trailers")
-        remote = ex.downstream.remote_address[0].encode("latin-1")
+            out.append((b"te", b"trailers"))
         if front.config.use_remote_address:
-            h.add(b"x-forwarded-for", xff + b"," + remote if xff else remote)
+            remote = ex.downstream.remote_address[0].encode("latin-1")
+            out.append((b"x-forwarded-for", xff + b"," + remote if xff else remote))
         elif xff:
-            h.add(b"x-forwarded-for", xff)
-        h.set(b"x-forwarded-proto", b"https" if ex.downstream.tls else b"http")
-        if front.config.generate_request_id and b"x-request-id" not in h:
-            h.add(b"x-request-id", _request_id(front.random))
-        if ex.downstream.early_data:
-            h.set(b"early-data", b"1")  # RFC 8470 section 5.1
+            out.append((b"x-forwarded-for", xff))
+        out.append((b"x-forwarded-proto", b"https" if ex.downstream.tls else b"http"))
+        if front.config.generate_request_id and not request_id:
+            out.append((b"x-request-id", _request_id(front.random)))
+        if early:
+            out.append((b"early-data", b"1"))  # RFC 8470 section 5.1
+        h = Headers(out)
         entry.finalize_request_headers(h, ex, insert_original_path=not front.suppress_envoy_headers)
         return h
 
@@ -763,11 +771,15 @@ class ActiveStream:
         ex = self.exchange
         status = _status(resp)
         ex.response_code = status
-        out = Headers([(k, v) for k, v in resp if k not in HOP_BY_HOP])
+        front = self.front
+        fields = [(k, v) for k, v in resp if k not in _DROPPED_DOWNSTREAM]
+        fields.append((b"server", front.server_name))
+        out = Headers(fields)
         entry = self.entry
         if entry is not None:
             entry.finalize_response_headers(out, ex)
-        self._decorate_response(out)
+        if front.alt_svc is not None:
+            self._add_alt_svc(out)
         if not await self._encode_headers(out, False):
             us.reset()
             return
@@ -811,12 +823,16 @@ class ActiveStream:
             raise
 
     def _decorate_response(self, headers: Headers) -> None:
-        front = self.front
-        headers.set(b"server", front.server_name)
-        if front.alt_svc is not None:
-            value = front.alt_svc()
-            if value is not None and b"alt-svc" not in headers:
-                headers.add(b"alt-svc", value)
+        """``server`` and ``alt-svc`` on a local reply (the upstream path adds them while copying)."""
+        headers.set(b"server", self.front.server_name)
+        if self.front.alt_svc is not None:
+            self._add_alt_svc(headers)
+
+    def _add_alt_svc(self, headers: Headers) -> None:
+        assert self.front.alt_svc is not None
+        value = self.front.alt_svc()
+        if value is not None and b"alt-svc" not in headers:
+            headers.add(b"alt-svc", value)
 
     async def _encode_headers(self, headers: Headers, end_stream: bool) -> bool:
         for f in reversed(self._filters):
