@@ -24,7 +24,7 @@ import random as _random
 import signal
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microenvoy import __version__
 from microenvoy.admin import logging as admin_logging
@@ -37,9 +37,11 @@ from microenvoy.filters.http.health_check import HealthState
 from microenvoy.io.access_log import AccessLogger
 from microenvoy.io.admin_server import AdminServer
 from microenvoy.io.http_front import HttpFront
-from microenvoy.io.quic_front import QuicListener, quic_configuration
 from microenvoy.io.tcp_front import FilterChainRuntime, ListenerStats, TcpListener
 from microenvoy.io.upstream import ClusterManager
+
+if TYPE_CHECKING:  # QUIC (aioquic, ~12 MiB resident) is imported only when a UDP listener is configured
+    from microenvoy.io.quic_front import QuicListener
 
 __all__ = ["Server"]
 
@@ -112,7 +114,7 @@ class Server:
         self.state = "LIVE"
         self.stats.gauge("server.live").set(1)
         for name, lst in self._lst.items():
-            proto = "udp" if isinstance(lst, QuicListener) else "tcp"
+            proto = "tcp" if isinstance(lst, TcpListener) else "udp"
             log.info("listener %s on %s:%d/%s", name, lst.host, lst.bound_port, proto)
 
     async def run(self) -> None:
@@ -183,6 +185,8 @@ class Server:
                     loggers = tuple(AccessLogger(a, self.stats) for a in hcm.access_log)
                     self._access_loggers.extend(loggers)
                     if lc.quic_options is not None and chain.transport_socket is not None:
+                        from microenvoy.io.quic_front import quic_configuration
+
                         quic_configuration(lc.quic_options, chain.transport_socket)  # certificate check
                     front = HttpFront(
                         hcm,
@@ -227,6 +231,8 @@ class Server:
         if addr.protocol == "UDP":
             assert lc.quic_options is not None
             assert chain.transport_socket is not None
+            from microenvoy.io.quic_front import QuicListener
+
             lst = QuicListener(
                 lc.name, addr.address, addr.port_value, chains[0].front, options=lc.quic_options,
                 tls=chain.transport_socket, stats=scope, max_connections=lc.max_connections,
@@ -294,7 +300,7 @@ class Server:
                     log.error("listener %s: cannot bind %s: %s", name, lc.address, exc)
                 continue
             chain = lc.filter_chains[0]
-            if isinstance(existing, QuicListener):
+            if not isinstance(existing, TcpListener):
                 assert lc.quic_options is not None
                 assert chain.transport_socket is not None
                 existing.update(front[0].front, lc.quic_options, chain.transport_socket, lc.max_connections)
@@ -328,7 +334,7 @@ class Server:
     def listeners(self) -> list[dict[str, Any]]:
         out = []
         for name, lst in self._lst.items():
-            proto = "UDP" if isinstance(lst, QuicListener) else "TCP"
+            proto = "TCP" if isinstance(lst, TcpListener) else "UDP"
             out.append(
                 {
                     "name": name,
