@@ -280,9 +280,7 @@ class ActiveStream:
     """One exchange on a downstream connection (see the module docstring)."""
 
     __slots__ = (
-        "_attempt_body",
         "_body_bytes",
-        "_decode_index",
         "_encode_resume",
         "_filters",
         "_local",
@@ -328,13 +326,11 @@ class ActiveStream:
         self.entry: RouteEntry | None = None
         self.response_started = False
         self._filters: list[HttpFilter] = [f.create(self) for f in front.factories]
-        self._decode_index = 0
         self._resume: asyncio.Future[None] | None = None
         self._encode_resume: asyncio.Future[None] | None = None
         self._local: _LocalReply | None = None
         self._replay: list[bytes] = []
         self._replayable = True
-        self._attempt_body = 0
         self._body_bytes = 0
         self.last_activity = self.exchange.start_time
         self._timed_out = False
@@ -343,8 +339,8 @@ class ActiveStream:
         front.stats.by_protocol(downstream.protocol)
         if early_data:
             front.stats.rq_early_data.inc()
-        self._task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._run())
         loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[None] = loop.create_task(self._run())
         front.track(self)
         self._request_timer: asyncio.TimerHandle | None = None
         rt = front.config.request_timeout
@@ -475,11 +471,8 @@ class ActiveStream:
     async def _decode_headers(self) -> None:
         headers = self.exchange.request_headers
         end = self.body.ended and not self.body.chunks
-        filters = self._filters
-        i = 0
-        while i < len(filters):
-            st = filters[i].decode_headers(headers, end)
-            i += 1
+        for f in self._filters:
+            st = f.decode_headers(headers, end)
             if self._local is not None:
                 return
             if st is FilterStatus.STOP:
@@ -488,7 +481,6 @@ class ActiveStream:
                 self._resume = None
                 if self._local is not None:
                     return
-        self._decode_index = i
 
     def _resolve_route(self) -> RouteEntry | None:
         if not self.exchange.route_resolved:
