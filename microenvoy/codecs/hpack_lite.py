@@ -191,6 +191,16 @@ class LiteDecoder:
             self._huffman_cache[raw] = cached
         return cached, end
 
+    def _literal(self, data: bytes, pos: int, prefix_bits: int) -> tuple[tuple[bytes, bytes], int]:
+        """A literal field (section 6.2): name by index or as a string, then the value."""
+        index, pos = _decode_int(data, pos, prefix_bits)
+        if index:
+            name = self._get(index)[0]
+        else:
+            name, pos = self._string(data, pos)
+        value, pos = self._string(data, pos)
+        return (name, value), pos
+
     def decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         pos = 0
@@ -202,14 +212,8 @@ class LiteDecoder:
                 index, pos = _decode_int(data, pos, 7)
                 field = self._get(index)
             elif b & 0x40:  # 6.2.1 literal with incremental indexing
-                index, pos = _decode_int(data, pos, 6)
-                if index:
-                    name = self._get(index)[0]
-                else:
-                    name, pos = self._string(data, pos)
-                value, pos = self._string(data, pos)
-                field = (name, value)
-                self._add(name, value)
+                field, pos = self._literal(data, pos, 6)
+                self._add(*field)
             elif b & 0x20:  # 6.3 dynamic table size update: only at the start of a block
                 if out:
                     raise HpackError("table size update after a field")
@@ -220,13 +224,7 @@ class LiteDecoder:
                 self._evict()
                 continue
             else:  # 6.2.2 / 6.2.3 literal without indexing / never indexed
-                index, pos = _decode_int(data, pos, 4)
-                if index:
-                    name = self._get(index)[0]
-                else:
-                    name, pos = self._string(data, pos)
-                value, pos = self._string(data, pos)
-                field = (name, value)
+                field, pos = self._literal(data, pos, 4)
             total += len(field[0]) + len(field[1]) + 32
             if total > self.max_header_list_size:
                 raise HpackError("header list larger than SETTINGS_MAX_HEADER_LIST_SIZE")
