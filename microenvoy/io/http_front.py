@@ -224,13 +224,16 @@ class _LocalReply(Exception):
     """Raised inside the engine to turn the rest of the exchange into a local reply."""
 
     def __init__(self, status: int, body: str, details: str, flag: str | None = None,
-                 grpc_status: int | None = None) -> None:  # fmt: skip
+                 grpc_status: int | None = None,
+                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
         super().__init__(details)
         self.status = status
         self.body = body
         self.details = details
         self.flag = flag
         self.grpc_status = grpc_status
+        self.extra_headers = extra_headers or []
+        """Headers a filter asked for (a filter's grpc-status replaces the mapped one)."""
 
 
 class _RequestBody:
@@ -428,9 +431,9 @@ class ActiveStream:
         details: str = "",
         flag: str | None = None,
     ) -> None:
-        reply = _LocalReply(status, body.decode("utf-8", "replace"), details or "local_reply", flag)
-        reply.extra_headers = headers  # type: ignore[attr-defined]
-        self._local = reply
+        self._local = _LocalReply(
+            status, body.decode("utf-8", "replace"), details or "local_reply", flag, extra_headers=headers
+        )
         self.continue_decoding()
 
     def clear_route_cache(self) -> None:
@@ -843,7 +846,7 @@ class ActiveStream:
         ex.response_code_details = reply.details
         if reply.flag:
             ex.response_flags.add(reply.flag)
-        extra = getattr(reply, "extra_headers", None) or []
+        extra = reply.extra_headers
         if ex.is_grpc:
             code = reply.grpc_status
             if code is None:
