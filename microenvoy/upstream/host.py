@@ -27,6 +27,8 @@ class Host:
         "rq_success",
         "rq_timeout",
         "rq_total",
+        "local_origin_success_rate",
+        "success_rate",
         "weight",
     )
 
@@ -49,6 +51,10 @@ class Host:
         self.cx_active = 0
         self.cx_total = 0
         self.cx_connect_fail = 0
+        self.success_rate = -1.0
+        """Outlier detection's last computed success rate in percent (-1: not computed), for ``/clusters``."""
+        self.local_origin_success_rate = -1.0
+        """The same for locally originated results (split mode)."""
 
     @property
     def available(self) -> bool:
