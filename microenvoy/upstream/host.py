@@ -22,12 +22,12 @@ class Host:
         "ejected",
         "healthy",
         "hostname",
+        "local_origin_success_rate",
         "rq_active",
         "rq_error",
         "rq_success",
         "rq_timeout",
         "rq_total",
-        "local_origin_success_rate",
         "success_rate",
         "weight",
     )
