@@ -19,9 +19,10 @@ All three take a name filter (a regular expression searched in the Envoy name, a
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = [
@@ -147,6 +148,20 @@ class Store:
         self.counters: dict[str, Counter] = {}
         self.gauges: dict[str, Gauge] = {}
         self.histograms: dict[str, Histogram] = {}
+        self._refreshers: list[Callable[[], None]] = []
+
+    def add_refresher(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` before every read of the store: it sets gauges that are derived state (remaining
+        circuit-breaker capacity ...) so the request path never has to keep them current."""
+        self._refreshers.append(fn)
+
+    def remove_refresher(self, fn: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._refreshers.remove(fn)
+
+    def refresh(self) -> None:
+        for fn in list(self._refreshers):
+            fn()
 
     def counter(self, name: str) -> Counter:
         c = self.counters.get(name)
@@ -171,6 +186,7 @@ class Store:
 
     def value(self, name: str) -> int | None:
         """Current value of a counter or gauge (tests and admin)."""
+        self.refresh()
         if name in self.counters:
             return self.counters[name].value
         if name in self.gauges:
@@ -188,6 +204,7 @@ class Store:
         self, name_filter: NameFilter, used_only: bool
     ) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[Histogram]]:
         """Sorted (counters, gauges, histograms) passing the filter. A bad regex raises ``re.error``."""
+        self.refresh()
         pattern = re.compile(name_filter) if isinstance(name_filter, str) and name_filter else name_filter
         if not isinstance(pattern, re.Pattern):
             pattern = None

@@ -56,10 +56,12 @@ from microenvoy.config.model import (
     NetworkFilterConfig,
     Node,
     QuicOptions,
+    RetryBudget,
     RouteConfiguration,
     SocketAddress,
     StaticResources,
     StringMatcher,
+    Thresholds,
     TlsCertificate,
     UpstreamTlsContext,
 )
@@ -833,10 +835,10 @@ def _parse_cluster(r: Reader) -> Cluster:
                     r.error("also set in typed_extension_protocol_options", "max_requests_per_connection")
                 max_requests = typed_max
     tls = r.object("transport_socket", _upstream_transport_socket)
+    breakers = r.object("circuit_breakers", _parse_circuit_breakers) or ()
     not_supported(
         r,
         "health_checks",
-        "circuit_breakers",
         "outlier_detection",
         "eds_cluster_config",
         "lb_subset_config",
@@ -863,8 +865,53 @@ def _parse_cluster(r: Reader) -> Cluster:
         dns_lookup_family=dns_lookup_family,
         per_connection_buffer_limit_bytes=limit,
         max_requests_per_connection=max_requests,
+        circuit_breakers=breakers,
         idle_timeout=idle,
     )
+
+
+def _parse_circuit_breakers(r: Reader) -> tuple[Thresholds, ...]:
+    thresholds: tuple[Thresholds, ...] = r.objects("thresholds", _parse_thresholds)
+    not_supported(r, "per_host_thresholds")
+    r.finish()
+    seen: set[str] = set()
+    for i, t in enumerate(thresholds):
+        if t.priority in seen:
+            r.error(f"priority {t.priority} appears twice", f"thresholds[{i}].priority")
+        seen.add(t.priority)
+    return thresholds
+
+
+def _parse_thresholds(r: Reader) -> Thresholds:
+    budget = r.object("retry_budget", _parse_retry_budget)
+    t = Thresholds(
+        priority=r.enum("priority", ("DEFAULT", "HIGH"), "DEFAULT"),
+        max_connections=r.integer("max_connections", 1024, min=1, max=_U32),
+        max_pending_requests=r.integer("max_pending_requests", 1024, min=0, max=_U32),
+        max_requests=r.integer("max_requests", 1024, min=1, max=_U32),
+        max_retries=r.integer("max_retries", 3, min=0, max=_U32),
+        retry_budget=budget,
+        track_remaining=r.boolean("track_remaining"),
+    )
+    not_supported(r, "max_connection_pools")
+    r.finish()
+    return t
+
+
+def _parse_retry_budget(r: Reader) -> RetryBudget:
+    percent = 20.0
+    p = r.mapping("budget_percent")
+    if p is not None:
+        percent = p.number("value", 20.0, min=0.0)
+        if percent > 100.0:
+            p.error("must be <= 100", "value")
+        p.finish()
+    b = RetryBudget(
+        budget_percent=percent,
+        min_retry_concurrency=r.integer("min_retry_concurrency", 3, min=0, max=_U32),
+    )
+    r.finish()
+    return b
 
 
 def _parse_locality_endpoints(r: Reader, static: bool) -> tuple[Endpoint, ...]:

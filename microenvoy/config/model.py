@@ -342,6 +342,35 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """``circuit_breakers.thresholds[].retry_budget``: retries allowed as a share of active requests."""
+
+    budget_percent: float = 20.0
+    """Percent of active plus pending requests that may be retries at once."""
+    min_retry_concurrency: int = 3
+    """Retries always allowed at once, whatever the budget says."""
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """``circuit_breakers.thresholds[]`` for one routing priority (Envoy's defaults)."""
+
+    priority: str = "DEFAULT"
+    """``DEFAULT`` or ``HIGH`` (routes are always DEFAULT priority: HIGH thresholds are kept, unused)."""
+    max_connections: int = 1024
+    """Connections to all hosts of the cluster; beyond it requests wait (``upstream_cx_overflow``)."""
+    max_pending_requests: int = 1024
+    """Requests waiting for a connection; beyond it -> 503 UO (``upstream_rq_pending_overflow``)."""
+    max_requests: int = 1024
+    """Requests in flight to the cluster (waiting ones included); beyond it -> 503 UO."""
+    max_retries: int = 3
+    """Retries in flight at once (``upstream_rq_retry_overflow``); replaced by ``retry_budget`` when set."""
+    retry_budget: RetryBudget | None = None
+    track_remaining: bool = False
+    """Export ``circuit_breakers.<priority>.remaining_*`` gauges."""
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     type: str = "STATIC"
@@ -362,6 +391,8 @@ class Cluster:
     max_requests_per_connection: int = 0
     idle_timeout: float = 3600.0
     """``common_http_protocol_options.idle_timeout`` of the upstream protocol options."""
+    circuit_breakers: tuple[Thresholds, ...] = ()
+    """At most one entry per priority; a missing DEFAULT entry means Envoy's default thresholds."""
 
 
 # -------------------------------------------------------------------------------------- bootstrap

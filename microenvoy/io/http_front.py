@@ -291,6 +291,7 @@ class ActiveStream:
         "_replayable",
         "_request_timer",
         "_resume",
+        "_retry_slot",
         "_task",
         "_timed_out",
         "body",
@@ -337,6 +338,7 @@ class ActiveStream:
         self._body_bytes = 0
         self.last_activity = self.exchange.start_time
         self._timed_out = False
+        self._retry_slot = False
         front.stats.rq_total.inc()
         front.stats.rq_active.inc()
         front.stats.by_protocol(downstream.protocol)
@@ -552,6 +554,30 @@ class ActiveStream:
         per_try: float | None,
     ) -> None:
         """Attempts until an answer is forwarded or a failure becomes a local reply (raised)."""
+        try:
+            await self._attempts_loop(cluster, headers, deadline, retry, per_try)
+        finally:
+            if self._retry_slot:
+                self._retry_slot = False
+                cluster.retry_end()
+
+    def _take_retry_slot(self, cluster: Any) -> bool:
+        """The circuit breaker's say on one more retry (the exchange keeps its slot until it ends)."""
+        if self._retry_slot:
+            return True
+        if cluster.retry_begin():
+            self._retry_slot = True
+            return True
+        return False
+
+    async def _attempts_loop(
+        self,
+        cluster: Any,
+        headers: Headers,
+        deadline: float | None,
+        retry: Any,
+        per_try: float | None,
+    ) -> None:
         ex = self.exchange
         loop = asyncio.get_running_loop()
         cstats = cluster.stats
@@ -572,7 +598,10 @@ class ActiveStream:
             if isinstance(outcome, tuple):
                 us, resp = outcome
                 wanted = (
-                    retry is not None and self._replayable and retry.should_retry_headers(_status(resp), resp)
+                    retry is not None
+                    and self._replayable
+                    and retry.should_retry_headers(_status(resp), resp)
+                    and self._take_retry_slot(cluster)
                 )
                 if not wanted:
                     if retry is not None and retry.limit_exceeded:
@@ -594,6 +623,8 @@ class ActiveStream:
                     )
                     if not wanted:
                         kind = "timeout"
+                    else:
+                        wanted = self._take_retry_slot(cluster)
                 else:
                     retry_kind = "connect-failure" if kind == "connect-timeout" else kind
                     wanted = (
@@ -601,6 +632,7 @@ class ActiveStream:
                         and retry is not None
                         and self._replayable
                         and retry.should_retry_reset(retry_kind)
+                        and self._take_retry_slot(cluster)
                     )
                 if not wanted:
                     if retry is not None and retry.limit_exceeded:
@@ -932,7 +964,10 @@ def _failure_reply(kind: str, cstats: Scope) -> _LocalReply:
             ResponseFlag.UPSTREAM_REQUEST_TIMEOUT,
         )
     if kind == "overflow":
-        return _LocalReply(503, "upstream overflow", "upstream_overflow", ResponseFlag.UPSTREAM_OVERFLOW)
+        return _LocalReply(
+            503, "upstream overflow", "upstream_overflow", ResponseFlag.UPSTREAM_OVERFLOW,
+            extra_headers=[(b"x-envoy-overloaded", b"true")],
+        )  # fmt: skip
     if kind in ("connect-failure", "connect-timeout"):
         return _LocalReply(
             503, _RESET_TEXT, "upstream_connect_failure", ResponseFlag.UPSTREAM_CONNECTION_FAILURE

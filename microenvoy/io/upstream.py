@@ -42,7 +42,7 @@ from typing import Any, cast
 from microenvoy.admin.stats import Counter, Gauge, Histogram, Scope, Store
 from microenvoy.codecs.upstream_http1 import Http1ClientCodec
 from microenvoy.codecs.upstream_http2 import CANCEL, Http2ClientCodec
-from microenvoy.config.model import Cluster
+from microenvoy.config.model import Cluster, Thresholds
 from microenvoy.core.errors import CodecError
 from microenvoy.core.events import (
     ConnectionTerminated,
@@ -121,6 +121,10 @@ class _ClusterStats:
         self.rq_rx_reset: Counter = c("upstream_rq_rx_reset")
         self.rq_tx_reset: Counter = c("upstream_rq_tx_reset")
         self.rq_pending_overflow: Counter = c("upstream_rq_pending_overflow")
+        self.rq_pending_total: Counter = c("upstream_rq_pending_total")
+        self.rq_pending_active: Gauge = g("upstream_rq_pending_active")
+        self.cx_overflow: Counter = c("upstream_cx_overflow")
+        self.rq_retry_overflow: Counter = c("upstream_rq_retry_overflow")
         self.rq_reissued: Counter = c("upstream_rq_refused_reissued")
         self.rq_time: Histogram = scope.histogram("upstream_rq_time")
         self.membership_total: Gauge = g("membership_total")
@@ -141,6 +145,25 @@ class _ClusterStats:
             self._codes[status] = pair
         pair[0].inc()
         pair[1].inc()
+
+
+class _BreakerGauges:
+    """``circuit_breakers.default.{cx,rq_pending,rq,rq_retry}_open`` (1 while saturated) and, with
+    ``track_remaining``, ``remaining_{cx,pending,rq,retries}`` (Envoy's names), set when stats are read."""
+
+    _OPEN = ("cx_open", "rq_pending_open", "rq_open", "rq_retry_open")
+    _REMAINING = ("remaining_cx", "remaining_pending", "remaining_rq", "remaining_retries")
+
+    def __init__(self, scope: Scope, track_remaining: bool) -> None:
+        self.open = [scope.gauge(n) for n in self._OPEN]
+        self.remaining = [scope.gauge(n) for n in self._REMAINING] if track_remaining else []
+        scope.gauge("cx_pool_open")  # one pool per host here: never saturated, exported for parity
+
+    def update(self, *used_and_limit: tuple[int, int]) -> None:
+        for i, (used, limit) in enumerate(used_and_limit):
+            self.open[i].set(1 if used >= limit else 0)
+            if self.remaining:
+                self.remaining[i].set(max(0, limit - used))
 
 
 # ============================================================================================ streams
@@ -539,6 +562,16 @@ class _ConnectionBase(asyncio.Protocol):
         self.connected = False
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         """Resolved when the transport is gone (``connection_lost``)."""
+        self._slot = True
+        """Holds one of the cluster's ``max_connections`` slots (given back at close, exactly once)."""
+        pool.cluster._cx_count += 1
+
+    def free_slot(self) -> None:
+        if self._slot:
+            self._slot = False
+            cluster = self.pool.cluster
+            cluster._cx_count -= 1
+            cluster.wake_waiters()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -578,6 +611,7 @@ class _ConnectionBase(asyncio.Protocol):
             return
         self._local_close = local
         self.cancel_idle_timer()
+        self.free_slot()
         if self.transport is not None:
             self.transport.close()
         else:
@@ -587,6 +621,7 @@ class _ConnectionBase(asyncio.Protocol):
         was_closed = self.closed
         self.closed = True
         self.cancel_idle_timer()
+        self.free_slot()
         self._wake_drain()
         if self.connected:
             self.connected = False
@@ -955,17 +990,36 @@ class _HostPool:
         return await self._open_h1(headers, end_stream)
 
     # -- HTTP/1.1 --------------------------------------------------------------------------------
-    async def _open_h1(self, headers: Headers, end_stream: bool) -> UpstreamStream:
-        conn: _H1Connection | None = None
+    def _take_idle(self) -> _H1Connection | None:
         while self.idle:
             c = self.idle.pop()
             if not c.closed and c.codec.idle:
-                conn = c
-                break
+                c.cancel_idle_timer()
+                return c
             c.close(local=True)
+        return None
+
+    async def _open_h1(self, headers: Headers, end_stream: bool) -> UpstreamStream:
+        conn = self._take_idle()
         if conn is None:
-            conn = _H1Connection(self)
-            await self._connect(conn)
+            # Pending: no connection to use now. Wait for a new one, or for one to come back when the
+            # cluster is at max_connections.
+            cluster = self.cluster
+            cluster.pending_begin()
+            try:
+                overflowed = False
+                while conn is None:
+                    if cluster.connection_room(self):
+                        conn = _H1Connection(self)
+                        await self._connect(conn)
+                        break
+                    if not overflowed:
+                        overflowed = True
+                        cluster._stats.cx_overflow.inc()
+                    await cluster.wait_capacity()
+                    conn = self._take_idle()
+            finally:
+                cluster.pending_end()
         self.busy.add(conn)
         try:
             return conn.start(self.cluster, headers, end_stream)
@@ -980,6 +1034,7 @@ class _HostPool:
             return
         self.idle.append(conn)
         conn.start_idle_timer()
+        self.cluster.wake_waiters()
 
     # -- HTTP/2 ----------------------------------------------------------------------------------
     async def _open_h2(self, headers: Headers, end_stream: bool) -> UpstreamStream:
@@ -991,7 +1046,20 @@ class _HostPool:
 
     async def _h2_connection(self) -> _H2Connection:
         """A connection with a free stream slot now (waiting for or opening one as needed)."""
-        for _ in range(8):
+        for conn in self.h2:
+            if conn.usable:
+                return conn
+        cluster = self.cluster
+        cluster.pending_begin()
+        try:
+            return await self._h2_connection_pending()
+        finally:
+            cluster.pending_end()
+
+    async def _h2_connection_pending(self) -> _H2Connection:
+        attempts = 0
+        overflowed = False
+        while attempts < 8:
             for conn in self.h2:
                 if conn.usable:
                     return conn
@@ -1012,8 +1080,15 @@ class _HostPool:
                 finally:
                     pending.reserved -= 1
                 continue
+            if not self.cluster.connection_room(self):
+                if not overflowed:
+                    overflowed = True
+                    self.cluster._stats.cx_overflow.inc()
+                await self.cluster.wait_capacity()
+                continue
             # Establish in a task of its own: a caller cancelled meanwhile (per-try timeout) must not leave
             # a half-made connection that other requests wait on forever.
+            attempts += 1
             conn = _H2Connection(self)
             self.h2.append(conn)
             conn.reserved += 1
@@ -1061,7 +1136,8 @@ class _HostPool:
             raise err from None
 
     def capacity_changed(self) -> None:
-        """A stream ended or the peer's limits changed (nothing to do yet: waiters poll on ready)."""
+        """A stream ended or the peer's limits changed: requests waiting at max_connections look again."""
+        self.cluster.wake_waiters()
 
     # -- connecting ------------------------------------------------------------------------------
     async def _connect(self, conn: _ConnectionBase) -> None:
@@ -1118,6 +1194,7 @@ class _HostPool:
         self.cluster._stats.cx_connect_fail.inc()
         self.host.cx_connect_fail += 1
         conn.closed = True
+        conn.free_slot()
         self.remove(conn)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -1174,7 +1251,18 @@ class UpstreamCluster:
         self._rq_active = 0
         self._ssl: ssl.SSLContext | None = None
         self.draining = False
-        self.max_requests = DEFAULT_MAX_REQUESTS
+        # Circuit breakers (DEFAULT priority: routes have no other).
+        self.thresholds = next((t for t in config.circuit_breakers if t.priority == "DEFAULT"), Thresholds())
+        self.max_requests = self.thresholds.max_requests
+        self._pending = 0
+        self._retries_active = 0
+        self._cx_count = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._store = stats
+        self._cb = _BreakerGauges(
+            self.stats.scope("circuit_breakers.default."), self.thresholds.track_remaining
+        )
+        stats.add_refresher(self._refresh_gauges)
         if config.type != "STRICT_DNS":
             self.set_hosts(
                 [
@@ -1222,9 +1310,11 @@ class UpstreamCluster:
     # -- streams ---------------------------------------------------------------------------------
     async def open_stream(self, host: Host, headers: Headers, *, end_stream: bool) -> UpstreamStream:
         """Send request ``headers`` to ``host`` over a pooled connection; raises ``UpstreamError``."""
-        if self._rq_active >= self.max_requests:
+        if self._rq_active + self._pending >= self.max_requests:
             self._stats.rq_pending_overflow.inc()
-            raise UpstreamError("overflow", f"cluster {self.name}: {self._rq_active} active requests")
+            raise UpstreamError(
+                "overflow", f"cluster {self.name}: max_requests ({self.max_requests}) reached"
+            )
         pool = self._pools.get(host)
         if pool is None:
             if self.draining:
@@ -1233,6 +1323,77 @@ class UpstreamCluster:
                 raise UpstreamError("connect-failure", f"{host.address_text} left cluster {self.name}")
             pool = self._pools[host] = _HostPool(self, host)
         return await pool.open_stream(headers, end_stream)
+
+    # -- circuit breakers ------------------------------------------------------------------------
+    def pending_begin(self) -> None:
+        """A request starts waiting for a connection; beyond ``max_pending_requests`` -> ``overflow``."""
+        if self._pending >= self.thresholds.max_pending_requests:
+            self._stats.rq_pending_overflow.inc()
+            raise UpstreamError(
+                "overflow", f"cluster {self.name}: max_pending_requests ({self._pending}) reached"
+            )
+        self._pending += 1
+        self._stats.rq_pending_total.inc()
+        self._stats.rq_pending_active.inc()
+
+    def pending_end(self) -> None:
+        self._pending -= 1
+        self._stats.rq_pending_active.dec()
+
+    def connection_room(self, pool: _HostPool) -> bool:
+        """May ``pool`` open another connection under ``max_connections``? At the limit an idle HTTP/1.1
+        connection of another host is closed to make room (idle ones would otherwise hold slots forever)."""
+        if self._cx_count < self.thresholds.max_connections:
+            return True
+        for other in self.pools():
+            if other is not pool and other.idle:
+                other.idle.pop().close(local=True)
+                return self._cx_count < self.thresholds.max_connections
+        return False
+
+    async def wait_capacity(self) -> None:
+        """Wait until a connection slot frees, an idle connection returns or an HTTP/2 stream ends."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+
+    def wake_waiters(self) -> None:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def retry_limit(self) -> int:
+        t = self.thresholds
+        b = t.retry_budget
+        if b is None:
+            return t.max_retries
+        return max(b.min_retry_concurrency, int((self._rq_active + self._pending) * b.budget_percent / 100.0))
+
+    def retry_begin(self) -> bool:
+        """Take a retry slot (``max_retries`` or the retry budget); False (counted) when none is free."""
+        if self._retries_active >= self.retry_limit():
+            self._stats.rq_retry_overflow.inc()
+            return False
+        self._retries_active += 1
+        return True
+
+    def retry_end(self) -> None:
+        self._retries_active -= 1
+
+    def _refresh_gauges(self) -> None:
+        t = self.thresholds
+        self._cb.update(
+            (self._cx_count, t.max_connections),
+            (self._pending, t.max_pending_requests),
+            (self._rq_active + self._pending, t.max_requests),
+            (self._retries_active, self.retry_limit()),
+        )
 
     def pools(self) -> list[_HostPool]:
         self._old_pools = [p for p in self._old_pools if p.connection_count]
@@ -1244,11 +1405,13 @@ class UpstreamCluster:
 
     def drain(self) -> None:
         self.draining = True
+        self._store.remove_refresher(self._refresh_gauges)  # a replacing cluster owns the names now
         for p in self.pools():
             p.drain()
 
     def close(self) -> None:
         self.draining = True
+        self._store.remove_refresher(self._refresh_gauges)
         for p in self.pools():
             p.close_all()
 
@@ -1286,12 +1449,13 @@ class UpstreamCluster:
     # -- admin -----------------------------------------------------------------------------------
     def admin_lines(self) -> list[str]:
         n = self.name
+        t = self.thresholds
         out = [
             f"{n}::observability_name::{n}",
-            f"{n}::default_priority::max_connections::1024",
-            f"{n}::default_priority::max_pending_requests::1024",
-            f"{n}::default_priority::max_requests::{self.max_requests}",
-            f"{n}::default_priority::max_retries::3",
+            f"{n}::default_priority::max_connections::{t.max_connections}",
+            f"{n}::default_priority::max_pending_requests::{t.max_pending_requests}",
+            f"{n}::default_priority::max_requests::{t.max_requests}",
+            f"{n}::default_priority::max_retries::{t.max_retries}",
             f"{n}::added_via_api::false",
         ]
         for h in self.hosts:
@@ -1341,11 +1505,16 @@ class UpstreamCluster:
             "circuit_breakers": {
                 "thresholds": [
                     {
-                        "max_connections": 1024,
-                        "max_pending_requests": 1024,
-                        "max_requests": self.max_requests,
-                        "max_retries": 3,
+                        "priority": t.priority,
+                        "max_connections": t.max_connections,
+                        "max_pending_requests": t.max_pending_requests,
+                        "max_requests": t.max_requests,
+                        "max_retries": t.max_retries,
                     }
+                    for t in (
+                        self.thresholds,
+                        *(x for x in self.config.circuit_breakers if x.priority != "DEFAULT"),
+                    )
                 ]
             },
             "host_statuses": statuses,

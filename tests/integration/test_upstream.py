@@ -30,8 +30,10 @@ from microenvoy.config.model import (
     DownstreamTlsContext,
     Endpoint,
     Http2Options,
+    RetryBudget,
     SocketAddress,
     StringMatcher,
+    Thresholds,
     TlsCertificate,
     UpstreamTlsContext,
 )
@@ -859,17 +861,102 @@ async def test_upstream_closes_before_response_h1(manager: Any) -> None:
 async def test_circuit_breaker_overflow(h2server: Any, manager: Any) -> None:
     srv = await h2server()
     store = Store()
-    cm = manager(cluster("h2", srv.port, http2=True), store=store)
+    cm = manager(
+        cluster(
+            "h2", srv.port, http2=True, circuit_breakers=(Thresholds(max_requests=2, track_remaining=True),)
+        ),
+        store=store,
+    )
     cl = cm.get("h2")
-    cl.max_requests = 2
     tasks = [asyncio.create_task(fetch(cl, "/hold")) for _ in range(2)]
     await wait_until(lambda: len(srv.held) == 2, what="held")
+    assert stat(store, "cluster.h2.circuit_breakers.default.rq_open") == 1
+    assert stat(store, "cluster.h2.circuit_breakers.default.remaining_rq") == 0
     with pytest.raises(UpstreamError) as ei:
         await fetch(cl, "/ok")
     assert ei.value.kind == "overflow"
     assert stat(store, "cluster.h2.upstream_rq_pending_overflow") == 1
     srv.release()
     await asyncio.gather(*tasks)
+    assert stat(store, "cluster.h2.circuit_breakers.default.rq_open") == 0
+    assert stat(store, "cluster.h2.circuit_breakers.default.remaining_rq") == 2
+
+
+async def test_max_connections_makes_requests_wait_then_serves_them(h2server: Any, manager: Any) -> None:
+    """At max_connections a request needing a connection is pending (upstream_cx_overflow) and is served
+    as soon as a stream slot frees; it is not failed."""
+    srv = await h2server(max_streams=1)
+    store = Store()
+    cm = manager(
+        cluster("h2", srv.port, http2=True, circuit_breakers=(Thresholds(max_connections=1),)), store=store
+    )
+    cl = cm.get("h2")
+    first = asyncio.create_task(fetch(cl, "/hold"))
+    await wait_until(lambda: len(srv.held) == 1, what="first held")
+    second = asyncio.create_task(fetch(cl, "/ok"))
+    await wait_until(lambda: stat(store, "cluster.h2.upstream_cx_overflow") == 1, what="cx overflow")
+    assert stat(store, "cluster.h2.upstream_rq_pending_active") == 1
+    assert stat(store, "cluster.h2.circuit_breakers.default.cx_open") == 1
+    assert not second.done()
+    srv.release()
+    assert (await first)[0] == 200
+    assert (await second)[0] == 200
+    assert srv.connections == 1
+    assert stat(store, "cluster.h2.upstream_rq_pending_active") == 0
+
+
+async def test_max_pending_requests_zero_refuses_requests_needing_a_connection(
+    nginx: NginxServer, manager: Any
+) -> None:
+    store = Store()
+    cm = manager(
+        cluster("h1", nginx.port, circuit_breakers=(Thresholds(max_pending_requests=0),)), store=store
+    )
+    cl = cm.get("h1")
+    with pytest.raises(UpstreamError) as ei:
+        await fetch(cl, "/")
+    assert ei.value.kind == "overflow"
+    assert stat(store, "cluster.h1.upstream_rq_pending_overflow") == 1
+
+
+async def test_http1_max_connections_evicts_an_idle_connection_of_another_host(
+    nginx: NginxServer, manager: Any
+) -> None:
+    """Two hosts (the same nginx twice), max_connections 1: host B's request closes host A's idle
+    keep-alive connection instead of waiting for it forever."""
+    store = Store()
+    c = Cluster(
+        "two",
+        endpoints=(
+            Endpoint(SocketAddress("127.0.0.1", nginx.port)),
+            Endpoint(SocketAddress("127.0.0.1", nginx.port)),
+        ),
+        circuit_breakers=(Thresholds(max_connections=1),),
+    )
+    cl = manager(c, store=store).get("two")
+    a, b = cl.hosts
+    for host in (a, b, a):
+        s = await cl.open_stream(host, request("/"), end_stream=True)
+        head, _, _ = await read_all(s)
+        assert head.get(b":status") == b"200"
+    assert cl.connection_count <= 1
+    assert stat(store, "cluster.two.upstream_cx_total") == 3
+
+
+def test_retry_slots_follow_max_retries_and_the_budget() -> None:
+    store = Store()
+    cl = UpstreamCluster(Cluster("r", circuit_breakers=(Thresholds(max_retries=2),)), store)
+    assert cl.retry_begin()
+    assert cl.retry_begin()
+    assert not cl.retry_begin()
+    assert stat(store, "cluster.r.upstream_rq_retry_overflow") == 1
+    cl.retry_end()
+    assert cl.retry_begin()
+    budget = Thresholds(retry_budget=RetryBudget(budget_percent=50.0, min_retry_concurrency=1))
+    cl2 = UpstreamCluster(Cluster("b", circuit_breakers=(budget,)), store)
+    assert cl2.retry_limit() == 1  # no active requests: the floor
+    cl2._rq_active = 10
+    assert cl2.retry_limit() == 5
 
 
 # ------------------------------------------------------------------------------ DNS and config update

@@ -683,9 +683,21 @@ CASES: list[tuple[str, Any, str]] = [
     ),
     ("static_resources.clusters[1].name", "", "static_resources.clusters[1].name: must not be empty"),
     (
-        "static_resources.clusters[0].health_checks",
-        [],
-        "static_resources.clusters[0].health_checks: not supported yet",
+        "static_resources.clusters[0].circuit_breakers",
+        {"thresholds": [{"max_requests": 0}]},
+        "static_resources.clusters[0].circuit_breakers.thresholds[0].max_requests: must be >= 1, got 0",
+    ),
+    (
+        "static_resources.clusters[0].circuit_breakers",
+        {"thresholds": [{}, {"priority": "DEFAULT"}]},
+        "static_resources.clusters[0].circuit_breakers.thresholds[1].priority: "
+        "priority DEFAULT appears twice",
+    ),
+    (
+        "static_resources.clusters[0].circuit_breakers",
+        {"thresholds": [{"retry_budget": {"budget_percent": {"value": 150}}}]},
+        "static_resources.clusters[0].circuit_breakers.thresholds[0].retry_budget.budget_percent.value: "
+        "must be <= 100",
     ),
     (
         "static_resources.clusters[0].connect_timeout",
@@ -1135,3 +1147,25 @@ def test_the_complete_example_in_the_configuration_docs_is_valid() -> None:
     b = parse_bootstrap(yaml.safe_load(block), base_dir=str(REPO / "docs" / "examples"))
     assert [li.name for li in b.static_resources.listeners] == ["http", "quic"]
     assert [c.upstream_protocol for c in b.static_resources.clusters] == ["HTTP2", "HTTP1"]
+
+
+def test_circuit_breaker_thresholds_parse_with_envoy_defaults() -> None:
+    doc = bootstrap(
+        clusters=[
+            cluster(
+                circuit_breakers={
+                    "thresholds": [
+                        {"max_requests": {"value": 10}, "max_pending_requests": 5, "track_remaining": True},
+                        {"priority": "HIGH", "retry_budget": {"min_retry_concurrency": 7}},
+                    ]
+                }
+            )
+        ]
+    )
+    c = parse_bootstrap(doc).static_resources.clusters[0]
+    default, high = c.circuit_breakers
+    assert (default.priority, default.max_requests, default.max_pending_requests) == ("DEFAULT", 10, 5)
+    assert (default.max_connections, default.max_retries, default.track_remaining) == (1024, 3, True)
+    assert high.priority == "HIGH"
+    assert high.retry_budget is not None
+    assert (high.retry_budget.budget_percent, high.retry_budget.min_retry_concurrency) == (20.0, 7)
