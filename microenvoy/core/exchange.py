@@ -12,7 +12,7 @@ from typing import Any
 
 from microenvoy.core.headers import Headers
 
-__all__ = ["METADATA_PREFIX", "DownstreamInfo", "Exchange", "ResponseFlag"]
+__all__ = ["METADATA_PREFIX", "DownstreamInfo", "Exchange", "ResponseFlag", "response_flags_text"]
 
 METADATA_PREFIX = b"x-microenvoy-"
 
@@ -37,6 +37,25 @@ class ResponseFlag:
     DELAY_INJECTED = "DI"
     DOWNSTREAM_PROTOCOL_ERROR = "DPE"
     UPSTREAM_PROTOCOL_ERROR = "UPE"
+
+    ORDER = (
+        "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX",
+        "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR", "UDO",
+    )  # fmt: skip
+    """Envoy's order of the short codes in ``%RESPONSE_FLAGS%`` (``ResponseFlagUtils``: the flag enum's
+    order, not alphabetical); codes Envoy does not have (``RBAC``) follow, sorted."""
+
+
+_FLAG_RANK = {code: i for i, code in enumerate(ResponseFlag.ORDER)}
+
+
+def response_flags_text(flags: set[str]) -> str:
+    """``%RESPONSE_FLAGS%``: the short codes joined by commas in Envoy's order, ``-`` when there is none."""
+    if not flags:
+        return "-"
+    if len(flags) == 1:
+        return next(iter(flags))
+    return ",".join(sorted(flags, key=lambda f: (_FLAG_RANK.get(f, len(_FLAG_RANK)), f)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +100,8 @@ class Exchange:
     attempts: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form per-exchange data for filters (dynamic metadata)."""
+    span: Any = None
+    """The exchange's tracing span (``microenvoy.tracing.Span``) or None (``%TRACE_ID%``, span export)."""
 
     @property
     def method(self) -> bytes:
