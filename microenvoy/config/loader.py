@@ -38,6 +38,8 @@ from typing import Any
 import yaml
 
 from microenvoy import extensions
+from microenvoy.config.health_check import parse_health_checks
+from microenvoy.config.lb import LbConfig, parse_cluster_lb
 from microenvoy.config.model import (
     Admin,
     AdvertiseHttp3,
@@ -65,6 +67,7 @@ from microenvoy.config.model import (
     TlsCertificate,
     UpstreamTlsContext,
 )
+from microenvoy.config.outlier import parse_outlier_detection
 from microenvoy.config.reader import Reader
 from microenvoy.core.errors import ConfigError
 
@@ -100,7 +103,7 @@ TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 TLS_INSPECTOR_TYPE = TYPE_PREFIX + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 
 _CLUSTER_TYPES = ("STATIC", "STRICT_DNS")
-_LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
+_LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV")
 _DNS_FAMILIES = ("AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL")
 _TLS_VERSIONS = ("TLS_AUTO", "TLSv1_2", "TLSv1_3")
 _SAN_TYPES = ("DNS", "URI", "IP_ADDRESS", "EMAIL")
@@ -796,7 +799,7 @@ def _parse_cluster(r: Reader) -> Cluster:
     if connect_timeout <= 0:
         r.error("must be greater than 0", "connect_timeout")
     lb_policy = "ROUND_ROBIN"
-    if r.raw.get("lb_policy") in ("RING_HASH", "MAGLEV", "CLUSTER_PROVIDED", "LOAD_BALANCING_POLICY_CONFIG"):
+    if r.raw.get("lb_policy") in ("CLUSTER_PROVIDED", "LOAD_BALANCING_POLICY_CONFIG"):
         r.ignore("lb_policy")
         r.error(f"{r.raw['lb_policy']} is not supported yet", "lb_policy")
     else:
@@ -836,15 +839,15 @@ def _parse_cluster(r: Reader) -> Cluster:
                 max_requests = typed_max
     tls = r.object("transport_socket", _upstream_transport_socket)
     breakers = r.object("circuit_breakers", _parse_circuit_breakers) or ()
+    lb_config: LbConfig | None = parse_cluster_lb(r, lb_policy)
+    if lb_config == LbConfig():
+        lb_config = None  # the model's "Envoy defaults"
+    health_checks = parse_health_checks(r)
+    outlier = r.object("outlier_detection", parse_outlier_detection)
     not_supported(
         r,
-        "health_checks",
-        "outlier_detection",
         "eds_cluster_config",
         "lb_subset_config",
-        "common_lb_config",
-        "ring_hash_lb_config",
-        "least_request_lb_config",
         "upstream_connection_options",
         "transport_socket_matches",
         "http_protocol_options",
@@ -866,6 +869,9 @@ def _parse_cluster(r: Reader) -> Cluster:
         per_connection_buffer_limit_bytes=limit,
         max_requests_per_connection=max_requests,
         circuit_breakers=breakers,
+        lb_config=lb_config,
+        health_checks=health_checks,
+        outlier_detection=outlier,
         idle_timeout=idle,
     )
 

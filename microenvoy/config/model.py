@@ -8,7 +8,13 @@ field is documented for users in ``docs/configuration.md``. Instances are built 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # feature configs live in their own modules (which import this one)
+    from microenvoy.config.health_check import HealthCheck
+    from microenvoy.config.lb import HashPolicy, LbConfig
+    from microenvoy.config.outlier import OutlierDetection
+    from microenvoy.config.tracing import Tracing
 
 __all__ = [
     "AccessLog",
@@ -31,6 +37,7 @@ __all__ = [
     "NetworkFilterConfig",
     "Node",
     "QuicOptions",
+    "RetryBudget",
     "RetryPolicy",
     "Route",
     "RouteAction",
@@ -39,6 +46,7 @@ __all__ = [
     "SocketAddress",
     "StaticResources",
     "StringMatcher",
+    "Thresholds",
     "TlsCertificate",
     "UpstreamTlsContext",
     "VirtualHost",
@@ -179,6 +187,8 @@ class RouteAction:
     """microenvoy extension: request bodies larger than this get 413."""
     max_grpc_timeout: float | None = None
     """Honour ``grpc-timeout`` up to this (0 = unbounded); None ignores the header (Envoy)."""
+    hash_policy: tuple[HashPolicy, ...] = ()
+    """What RING_HASH / MAGLEV clusters hash on (header, source IP, query parameter)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +281,8 @@ class HttpConnectionManager:
     use_remote_address: bool = True
     max_request_bytes: int | None = None
     """Default body limit for routes that set none (microenvoy extension)."""
+    tracing: Tracing | None = None
+    """W3C trace context handling and span export; None still rewrites ``traceparent`` per hop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +405,10 @@ class Cluster:
     """``common_http_protocol_options.idle_timeout`` of the upstream protocol options."""
     circuit_breakers: tuple[Thresholds, ...] = ()
     """At most one entry per priority; a missing DEFAULT entry means Envoy's default thresholds."""
+    lb_config: LbConfig | None = None
+    """Panic threshold and policy-specific balancer settings; None = Envoy's defaults."""
+    health_checks: tuple[HealthCheck, ...] = ()
+    outlier_detection: OutlierDetection | None = None
 
 
 # -------------------------------------------------------------------------------------- bootstrap

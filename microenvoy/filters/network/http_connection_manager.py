@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from microenvoy import extensions
+from microenvoy.config.lb import parse_hash_policies
 from microenvoy.config.loader import (
     TYPE_PREFIX,
     not_supported,
@@ -47,6 +48,7 @@ from microenvoy.config.model import (
     WeightedCluster,
 )
 from microenvoy.config.reader import Reader
+from microenvoy.config.tracing import parse_tracing
 from microenvoy.core.errors import ConfigError
 
 __all__ = [
@@ -130,9 +132,9 @@ def parse_config(r: Reader) -> HttpConnectionManager:
     max_kb = r.integer("max_request_headers_kb", d.max_request_headers_kb, min=1, max=96)
     h2 = r.object("http2_protocol_options", parse_http2_options) or Http2Options()
     r.object("http3_protocol_options", lambda _: None)  # accepted for Envoy configs; no options yet ({})
+    tracing = r.object("tracing", parse_tracing)
     not_supported(
         r,
-        "tracing",
         "upgrade_configs",
         "normalize_path",
         "merge_slashes",
@@ -158,6 +160,7 @@ def parse_config(r: Reader) -> HttpConnectionManager:
         generate_request_id=r.boolean("generate_request_id", d.generate_request_id),
         access_log=access_log,
         stream_idle_timeout=stream_idle_timeout,
+        tracing=tracing,
         request_timeout=request_timeout,
         idle_timeout=idle_timeout,
         max_headers_count=max_headers_count,
@@ -469,7 +472,6 @@ def _parse_route_action(r: Reader) -> RouteAction:
         "host_rewrite_header",
         "auto_host_rewrite",
         "host_rewrite_path_regex",
-        "hash_policy",
         "rate_limits",
         "cors",
         "hedge_policy",
@@ -512,6 +514,7 @@ def _parse_route_action(r: Reader) -> RouteAction:
         retry_policy=r.object("retry_policy", _parse_retry_policy),
         max_request_bytes=r.integer("max_request_bytes", None, min=0),
         max_grpc_timeout=r.duration("max_grpc_timeout", None),
+        hash_policy=parse_hash_policies(r),
     )
 
 

@@ -658,12 +658,12 @@ CASES: list[tuple[str, Any, str]] = [
         "static_resources.clusters[0].lb_policy",
         "ROUND_ROBBIN",
         "static_resources.clusters[0].lb_policy: unknown value 'ROUND_ROBBIN' "
-        "(expected one of ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
+        "(expected one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)",
     ),
     (
         "static_resources.clusters[0].lb_policy",
-        "MAGLEV",
-        "static_resources.clusters[0].lb_policy: MAGLEV is not supported yet",
+        "CLUSTER_PROVIDED",
+        "static_resources.clusters[0].lb_policy: CLUSTER_PROVIDED is not supported yet",
     ),
     (
         "static_resources.clusters[0].type",
@@ -916,7 +916,7 @@ def test_several_errors_at_once_are_all_reported() -> None:
     errors = errors_of(doc)
     assert errors == [
         "static_resources.clusters[1].lb_policy: unknown value 'ROUND_ROBBIN' (expected one of ROUND_ROBIN, "
-        "LEAST_REQUEST, RANDOM)",
+        "LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)",
         "static_resources.clusters[1].surprise: unknown field",
         R + ".route.cluster: unknown cluster 'missing'",
         L1 + ".name: duplicate listener name 'http' (also static_resources.listeners[0])",
@@ -1128,7 +1128,7 @@ def test_validation_errors_from_a_file_carry_paths(tmp_path: Path) -> None:
         load_bootstrap(str(p))
     assert info.value.errors == [
         "static_resources.clusters[1].lb_policy: unknown value 'ROUND_ROBBIN' (expected one of ROUND_ROBIN, "
-        "LEAST_REQUEST, RANDOM)"
+        "LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)"
     ]
 
 
