@@ -16,20 +16,27 @@ from .certs import CertBundle
 __all__ = [
     "HCM_TYPE",
     "bootstrap",
+    "circuit_breakers",
     "cluster",
     "downstream_tls",
+    "file_access_log",
     "filter_fault",
     "filter_health_check",
     "filter_local_ratelimit",
     "filter_rbac",
+    "hash_policy_header",
     "hcm",
+    "http_health_check",
+    "outlier_detection",
     "percent",
     "quic_listener",
+    "retry_policy",
     "route",
     "router_filter",
     "socket_address",
     "tcp_listener",
     "virtual_host",
+    "weighted_cluster",
 ]
 
 _T = "type.googleapis.com/"
@@ -334,3 +341,116 @@ def filter_health_check(path: str = "/healthz", pass_through_mode: bool = True) 
             "headers": [{"name": ":path", "string_match": {"exact": path}}],
         },
     }
+
+
+# ------------------------------------------------------------------------------------ cluster resilience
+def weighted_cluster(name: str, weighted_ports: Sequence[tuple[int, int]], **kwargs: Any) -> dict[str, Any]:
+    """``cluster(...)`` whose endpoints carry ``load_balancing_weight``: ``[(port, weight), ...]``."""
+    c = cluster(name, [p for p, _ in weighted_ports], **kwargs)
+    for ep, (_, weight) in zip(
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"], weighted_ports, strict=True
+    ):
+        ep["load_balancing_weight"] = weight
+    return c
+
+
+def http_health_check(
+    path: str = "/health",
+    *,
+    interval: str = "0.2s",
+    timeout: str = "1s",
+    unhealthy_threshold: int = 2,
+    healthy_threshold: int = 1,
+    no_traffic_interval: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One ``health_checks[]`` entry with ``http_health_check.path`` (Envoy's core.v3.HealthCheck).
+
+    ``no_traffic_interval`` defaults to ``interval`` here (Envoy's default is 60 s, too slow for a test).
+    """
+    return {
+        "timeout": timeout,
+        "interval": interval,
+        "no_traffic_interval": no_traffic_interval or interval,
+        "unhealthy_threshold": unhealthy_threshold,
+        "healthy_threshold": healthy_threshold,
+        "http_health_check": {"path": path},
+        **extra,
+    }
+
+
+def outlier_detection(
+    *,
+    consecutive_5xx: int = 3,
+    consecutive_gateway_failure: int | None = None,
+    interval: str = "0.2s",
+    base_ejection_time: str = "1s",
+    max_ejection_percent: int = 50,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A cluster's ``outlier_detection`` (Envoy field names; anything else goes through ``extra``)."""
+    od: dict[str, Any] = {
+        "consecutive_5xx": consecutive_5xx,
+        "interval": interval,
+        "base_ejection_time": base_ejection_time,
+        "max_ejection_percent": max_ejection_percent,
+    }
+    if consecutive_gateway_failure is not None:
+        od["consecutive_gateway_failure"] = consecutive_gateway_failure
+        od["enforcing_consecutive_gateway_failure"] = 100  # Envoy's default is 0 % for this one
+    od.update(extra)
+    return od
+
+
+def circuit_breakers(
+    *,
+    max_connections: int | None = None,
+    max_pending_requests: int | None = None,
+    max_requests: int | None = None,
+    max_retries: int | None = None,
+    retry_budget: dict[str, Any] | None = None,
+    priority: str = "DEFAULT",
+) -> dict[str, Any]:
+    """A cluster's ``circuit_breakers`` with one threshold (unset limits keep Envoy's defaults)."""
+    t: dict[str, Any] = {"priority": priority}
+    for key, value in (
+        ("max_connections", max_connections),
+        ("max_pending_requests", max_pending_requests),
+        ("max_requests", max_requests),
+        ("max_retries", max_retries),
+        ("retry_budget", retry_budget),
+    ):
+        if value is not None:
+            t[key] = value
+    return {"thresholds": [t]}
+
+
+def retry_policy(
+    retry_on: str = "connect-failure,reset,5xx", num_retries: int = 3, base_interval: str = "0.01s"
+) -> dict[str, Any]:
+    """A route's ``retry_policy`` with a short backoff (max interval 5 x base)."""
+    base = float(base_interval.rstrip("s"))
+    return {
+        "retry_on": retry_on,
+        "num_retries": num_retries,
+        "retry_back_off": {"base_interval": base_interval, "max_interval": f"{base * 5:g}s"},
+    }
+
+
+def hash_policy_header(header_name: str) -> list[dict[str, Any]]:
+    """A route's ``hash_policy`` hashing on one request header."""
+    return [{"header": {"header_name": header_name}}]
+
+
+def file_access_log(path: str | Path, fields: dict[str, str]) -> list[dict[str, Any]]:
+    """An HCM ``access_log`` list: JSON lines with ``fields`` (name -> Envoy command string) to ``path``."""
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(path),
+                "log_format": {"json_format": dict(fields)},
+            },
+        }
+    ]
