@@ -148,6 +148,9 @@ async def test_killed_upstream_is_ejected_and_returns(agent: Factory, upstreams:
         outlier_detection=C.outlier_detection(
             consecutive_5xx=3, consecutive_gateway_failure=3, interval="0.2s", base_ejection_time="1s"
         ),
+        # Envoy's default max_retries (3 concurrent retries) would turn the burst of retries at the kill
+        # (every request in flight on the victim at once) into client-visible 503s
+        circuit_breakers=C.circuit_breakers(max_retries=100),
     )
     a: Agent = agent(C.bootstrap([listener(routes)], [svc]), name="outlier")
     victim = upstreams["b"]
