@@ -538,9 +538,12 @@ class ActiveStream:
         retry = entry.retry_state(front.random)
         per_try = entry.retry_policy.per_try_timeout if entry.retry_policy is not None else None
 
+        hash_key = None
+        if entry.hash_key is not None:
+            hash_key = entry.hash_key(ex.request_headers, ex.downstream.remote_address[0])
         timer = self._arm_deadline(deadline)  # the route timeout: one timer for every attempt and the body
         try:
-            await self._attempts(cluster, headers, deadline, retry, per_try)
+            await self._attempts(cluster, headers, deadline, retry, per_try, hash_key)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -552,10 +555,11 @@ class ActiveStream:
         deadline: float | None,
         retry: Any,
         per_try: float | None,
+        hash_key: int | None,
     ) -> None:
         """Attempts until an answer is forwarded or a failure becomes a local reply (raised)."""
         try:
-            await self._attempts_loop(cluster, headers, deadline, retry, per_try)
+            await self._attempts_loop(cluster, headers, deadline, retry, per_try, hash_key)
         finally:
             if self._retry_slot:
                 self._retry_slot = False
@@ -577,13 +581,14 @@ class ActiveStream:
         deadline: float | None,
         retry: Any,
         per_try: float | None,
+        hash_key: int | None,
     ) -> None:
         ex = self.exchange
         loop = asyncio.get_running_loop()
         cstats = cluster.stats
         while True:
             ex.attempts += 1
-            host = cluster.choose_host()
+            host = cluster.choose_host(hash_key)
             if host is None:
                 raise _LocalReply(503, "no healthy upstream", "no_healthy_upstream",
                                   ResponseFlag.NO_HEALTHY_UPSTREAM)  # fmt: skip
@@ -612,6 +617,8 @@ class ActiveStream:
                 us.reset()
             else:
                 kind = outcome
+                if kind in ("per-try-timeout", "timeout"):
+                    cluster.report_timeout(host)
                 if kind == "per-try-timeout" and (deadline is None or loop.time() < deadline):
                     cstats.counter("upstream_rq_per_try_timeout").inc()
                     wanted = (

@@ -37,7 +37,7 @@ import random as _random
 import socket
 import ssl
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from microenvoy.admin.stats import Counter, Gauge, Histogram, Scope, Store
 from microenvoy.codecs.upstream_http1 import Http1ClientCodec
@@ -60,6 +60,10 @@ from microenvoy.io import tls as _tls
 from microenvoy.upstream.host import Host
 from microenvoy.upstream.lb import LoadBalancer, make_lb
 
+if TYPE_CHECKING:
+    from microenvoy.io.health_check import HealthChecker
+    from microenvoy.upstream.outlier import OutlierDetector
+
 __all__ = [
     "DEFAULT_MAX_REQUESTS",
     "MAX_IDLE_PER_HOST",
@@ -77,6 +81,9 @@ MAX_IDLE_PER_HOST = 32
 DEFAULT_MAX_REQUESTS = 1024
 """Envoy's default circuit breaker ``max_requests`` per cluster: beyond it -> ``overflow``."""
 _DNS_FIRST_ROUND_TIMEOUT = 5.0
+_WARMING_TIMEOUT = 30.0
+"""At start-up, how long listeners wait for clusters' first health-check round (each check has its own
+timeout, so a round normally ends much sooner)."""
 _ASSUMED_H2_STREAMS = 100
 """Requests allowed to wait for one HTTP/2 connection still being set up (before its SETTINGS say more)."""
 _CLOSE_GRACE = 1.0
@@ -129,6 +136,8 @@ class _ClusterStats:
         self.rq_time: Histogram = scope.histogram("upstream_rq_time")
         self.membership_total: Gauge = g("membership_total")
         self.membership_healthy: Gauge = g("membership_healthy")
+        self.membership_degraded: Gauge = g("membership_degraded")
+        self.membership_excluded: Gauge = g("membership_excluded")
         self.update_attempt: Counter = c("update_attempt")
         self.update_success: Counter = c("update_success")
         self.update_failure: Counter = c("update_failure")
@@ -145,6 +154,16 @@ class _ClusterStats:
             self._codes[status] = pair
         pair[0].inc()
         pair[1].inc()
+
+
+_LB_GAUGES = (
+    ("ring_hash_lb", "size"),
+    ("ring_hash_lb", "min_hashes_per_host"),
+    ("ring_hash_lb", "max_hashes_per_host"),
+    ("maglev_lb", "min_entries_per_host"),
+    ("maglev_lb", "max_entries_per_host"),
+)
+"""Balancer table gauges (Envoy's ``cluster.<name>.ring_hash_lb.*`` / ``maglev_lb.*``)."""
 
 
 class _BreakerGauges:
@@ -280,7 +299,10 @@ class UpstreamStream:
         except ValueError:
             self._status = 0
         self._headers = headers
-        self._cluster._stats.response_code(self._status)
+        cluster = self._cluster
+        cluster._stats.response_code(self._status)
+        if cluster.outlier is not None:
+            cluster.outlier.report_http(self.host, self._status, asyncio.get_running_loop().time())
         if end_stream:
             self._on_end()
         self._wake()
@@ -310,6 +332,8 @@ class UpstreamStream:
             return
         self._error = error
         self._finish(success=False)
+        if error.kind in ("reset", "protocol-error"):
+            self._cluster._report_local(self.host, "connect_failed")  # as Envoy's router reports resets
         self._wake()
 
     def _finish(self, success: bool) -> None:
@@ -1165,9 +1189,11 @@ class _HostPool:
         except TimeoutError:
             self._connect_failed(conn)
             st.cx_connect_timeout.inc()
+            cluster._report_local(self.host, "timeout")
             raise UpstreamError("connect-timeout", f"connect to {self.host.address_text} timed out") from None
         except (OSError, ssl.SSLError) as e:
             self._connect_failed(conn)
+            cluster._report_local(self.host, "connect_failed")
             raise UpstreamError("connect-failure", f"connect to {self.host.address_text}: {e}") from None
         if sslctx is not None and isinstance(conn, _H2Connection):
             assert conn.transport is not None
@@ -1189,6 +1215,7 @@ class _HostPool:
         st.cx_total.inc()
         (st.cx_http2_total if isinstance(conn, _H2Connection) else st.cx_http1_total).inc()
         conn.mark_connected()
+        cluster._report_local(self.host, "connect_success")
 
     def _connect_failed(self, conn: _ConnectionBase) -> None:
         self.cluster._stats.cx_connect_fail.inc()
@@ -1243,7 +1270,23 @@ class UpstreamCluster:
         self.config = config
         self.stats: Scope = stats.scope(f"cluster.{config.name}.")
         self._stats = _ClusterStats(self.stats)
-        self.lb: LoadBalancer = make_lb(config.lb_policy, random)
+        self._random = random if random is not None else _random.Random()
+        self.lb: LoadBalancer = make_lb(config.lb_policy, config.lb_config, rng=self._random)
+        self.outlier: OutlierDetector | None = None
+        if config.outlier_detection is not None:
+            from microenvoy.upstream.outlier import OutlierDetector
+
+            self.outlier = OutlierDetector(
+                config.outlier_detection,
+                self.stats.scope("outlier_detection."),
+                self._random,
+                self.hosts_changed,
+            )
+        self.health_checker: HealthChecker | None = None
+        self._outlier_timer: asyncio.TimerHandle | None = None
+        self._hc_stop: asyncio.Task[None] | None = None
+        self.warmed: asyncio.Future[None] | None = None
+        """Set by ``start()``: done when the cluster may serve (its first health-check round is over)."""
         self.hosts: list[Host] = []
         self._host_set: frozenset[Host] = frozenset()
         self._pools: dict[Host, _HostPool] = {}
@@ -1262,6 +1305,11 @@ class UpstreamCluster:
         self._cb = _BreakerGauges(
             self.stats.scope("circuit_breakers.default."), self.thresholds.track_remaining
         )
+        self._lb_gauges = [
+            (self.stats.gauge(f"{prefix}.{attr}"), attr)
+            for prefix, attr in _LB_GAUGES
+            if prefix == {"RING_HASH": "ring_hash_lb", "MAGLEV": "maglev_lb"}.get(config.lb_policy)
+        ]
         stats.add_refresher(self._refresh_gauges)
         if config.type != "STRICT_DNS":
             self.set_hosts(
@@ -1274,6 +1322,70 @@ class UpstreamCluster:
             self._update_membership()
 
     # -- hosts -----------------------------------------------------------------------------------
+    def start(self) -> asyncio.Future[None]:
+        """Start health checking and outlier analysis (needs the loop); returns ``warmed``."""
+        loop = asyncio.get_running_loop()
+        if self.warmed is not None:
+            return self.warmed
+        if self.config.health_checks:
+            from microenvoy.io.health_check import HealthChecker
+
+            self.health_checker = HealthChecker(
+                self,
+                self.config.health_checks,
+                self.hosts_changed,
+                self._random,
+                on_check=self._health_checked,
+            )
+            self.health_checker.start()
+            self.warmed = self.health_checker.first_round
+        else:
+            self.warmed = loop.create_future()
+            self.warmed.set_result(None)
+        if self.outlier is not None:
+            self._outlier_timer = loop.call_later(self.outlier.config.interval, self._outlier_tick)
+        return self.warmed
+
+    def _outlier_tick(self) -> None:
+        assert self.outlier is not None
+        loop = asyncio.get_running_loop()
+        self.outlier.tick(loop.time())
+        if not self.draining:
+            self._outlier_timer = loop.call_later(self.outlier.config.interval, self._outlier_tick)
+
+    def _health_checked(self, host: Host, passed: bool) -> None:
+        """A finished active check: a pass un-ejects an outlier (Envoy default behaviour)."""
+        if self.outlier is not None:
+            self.outlier.report_health_check(host, passed, asyncio.get_running_loop().time())
+
+    def hosts_changed(self) -> None:
+        """Membership, weight, health or ejection changed: balancers rebuild, gauges follow."""
+        self.lb.hosts_changed()
+        self._update_membership()
+
+    def stop_checks(self) -> None:
+        """No more outlier analysis or health checks (the cluster was replaced or removed)."""
+        if self._outlier_timer is not None:
+            self._outlier_timer.cancel()
+            self._outlier_timer = None
+        if self.health_checker is not None and self._hc_stop is None:
+            self._hc_stop = asyncio.get_running_loop().create_task(self.health_checker.stop())
+
+    async def stop(self) -> None:
+        self.stop_checks()
+        if self._hc_stop is not None:
+            await self._hc_stop
+
+    # -- outlier detection inputs ----------------------------------------------------------------
+    def report_timeout(self, host: Host) -> None:
+        """The router gave up waiting for ``host`` (per-try or route timeout)."""
+        if self.outlier is not None:
+            self.outlier.report_local(host, "timeout", asyncio.get_running_loop().time())
+
+    def _report_local(self, host: Host, result: str) -> None:
+        if self.outlier is not None:
+            self.outlier.report_local(host, result, asyncio.get_running_loop().time())
+
     def set_hosts(self, hosts: Sequence[Host]) -> None:
         """Replace the host set; hosts that left have their pools drained."""
         keep = set(hosts)
@@ -1285,14 +1397,21 @@ class UpstreamCluster:
                     self._old_pools.append(pool)
         self.hosts = list(hosts)
         self._host_set = frozenset(self.hosts)
-        self._update_membership()
+        if self.outlier is not None:
+            self.outlier.hosts_changed(self.hosts)
+        if self.health_checker is not None:
+            self.health_checker.hosts_changed()
+        self.hosts_changed()
 
     def _update_membership(self) -> None:
         self._stats.membership_total.set(len(self.hosts))
         self._stats.membership_healthy.set(sum(1 for h in self.hosts if h.healthy))
+        self._stats.membership_degraded.set(0)
+        self._stats.membership_excluded.set(sum(1 for h in self.hosts if h.ejected))
 
-    def choose_host(self, hash_key: bytes | None = None) -> Host | None:
-        """Load balancer pick; None when the cluster has no host (the router answers 503 UH)."""
+    def choose_host(self, hash_key: int | None = None) -> Host | None:
+        """Load balancer pick (``hash_key`` from the route's hash_policy, for RING_HASH and MAGLEV); None
+        when the cluster has no host (the router answers 503 UH)."""
         before = self.lb.panic_total
         host = self.lb.choose(self.hosts, hash_key)
         if self.lb.panic_total != before:
@@ -1387,6 +1506,8 @@ class UpstreamCluster:
         self._retries_active -= 1
 
     def _refresh_gauges(self) -> None:
+        for gauge, attr in self._lb_gauges:
+            gauge.set(int(getattr(self.lb, attr, 0)))
         t = self.thresholds
         self._cb.update(
             (self._cx_count, t.max_connections),
@@ -1412,6 +1533,8 @@ class UpstreamCluster:
     def close(self) -> None:
         self.draining = True
         self._store.remove_refresher(self._refresh_gauges)
+        with contextlib.suppress(RuntimeError):  # no loop: nothing was started
+            self.stop_checks()
         for p in self.pools():
             p.close_all()
 
@@ -1588,6 +1711,8 @@ class ClusterManager:
         self._clusters: dict[str, UpstreamCluster] = {}
         self._draining: list[UpstreamCluster] = []
         self._dns_tasks: dict[str, asyncio.Task[None]] = {}
+        self._warming: dict[str, UpstreamCluster] = {}
+        self._warm_tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stop = asyncio.Event()
         for c in clusters:
@@ -1597,12 +1722,21 @@ class ClusterManager:
         return UpstreamCluster(config, self._store, random=self._random)
 
     async def start(self) -> None:
-        """Start STRICT_DNS resolution; returns after every cluster's first round (or a timeout)."""
+        """Start STRICT_DNS resolution and health checking; returns after every cluster's first DNS round
+        and first health-check round (each bounded by a timeout), so listeners open onto warm clusters."""
         self._started = True
         firsts = [self._start_dns(c) for c in self._clusters.values() if c.config.type == "STRICT_DNS"]
         waits = [f for f in firsts if f is not None]
         if waits:
             await asyncio.wait(waits, timeout=_DNS_FIRST_ROUND_TIMEOUT)
+        warming = [c.start() for c in self._clusters.values()]
+        pending = [w for w in warming if not w.done()]
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=_WARMING_TIMEOUT)
+            if late:
+                log.warning(
+                    "%d cluster(s) still warming after %.0fs; serving anyway", len(late), _WARMING_TIMEOUT
+                )
 
     def _start_dns(self, cluster: UpstreamCluster) -> asyncio.Future[None] | None:
         try:
@@ -1641,14 +1775,39 @@ class ClusterManager:
     def update(self, clusters: Sequence[Cluster]) -> None:
         """Apply a new cluster list: equal configs keep their runtime; others are replaced or drained."""
         new: dict[str, UpstreamCluster] = {}
+        names = {c.name for c in clusters}
+        for name in [n for n in self._warming if n not in names]:
+            self._warming.pop(name).close()
         for c in clusters:
             current = self._clusters.get(c.name)
+            warming = self._warming.get(c.name)
             if current is not None and current.config == c:
                 new[c.name] = current
+                if warming is not None:  # back to the serving config: drop the one still warming
+                    del self._warming[c.name]
+                    warming.close()
+                continue
+            if warming is not None:
+                if warming.config == c:
+                    if current is not None:
+                        new[c.name] = current
+                    continue
+                del self._warming[c.name]
+                warming.close()
+            fresh = self._make(c)
+            if self._started and c.type == "STRICT_DNS":
+                self._start_dns(fresh)
+            if self._started and not fresh.start().done():
+                # Warming: the serving cluster (if any) keeps serving until the new one's first
+                # health-check round is over; a brand-new name is unknown to routes until then (503 NC).
+                self._warming[c.name] = fresh
+                if current is not None:
+                    new[c.name] = current
+                warm = asyncio.get_running_loop().create_task(self._warm(fresh))
+                self._warm_tasks.add(warm)
+                warm.add_done_callback(self._warm_tasks.discard)
             else:
-                new[c.name] = self._make(c)
-                if self._started and c.type == "STRICT_DNS":
-                    self._start_dns(new[c.name])
+                new[c.name] = fresh
         for name, old in self._clusters.items():
             if new.get(name) is not old:
                 if name not in new or new[name].config.type != "STRICT_DNS":
@@ -1659,14 +1818,33 @@ class ClusterManager:
         self._clusters = new
         self._draining = [c for c in self._draining if c.connection_count]
 
+    async def _warm(self, cluster: UpstreamCluster) -> None:
+        assert cluster.warmed is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(cluster.warmed), _WARMING_TIMEOUT)
+        if self._warming.get(cluster.name) is not cluster:
+            return  # replaced or removed meanwhile
+        del self._warming[cluster.name]
+        old = self._clusters.get(cluster.name)
+        self._clusters = {**self._clusters, cluster.name: cluster}
+        if old is not None:
+            self._retire(old)
+        log.info("cluster %s: warmed, now serving", cluster.name)
+
     def _retire(self, cluster: UpstreamCluster) -> None:
         cluster.drain()
+        cluster.stop_checks()
         if cluster.connection_count:
             self._draining.append(cluster)
 
     async def close(self) -> None:
         """Stop DNS, close every connection and wait (briefly) until the transports are gone."""
         self._stop.set()
+        for t in list(self._warm_tasks):
+            t.cancel()
+        for w in self._warming.values():
+            w.close()
+        self._warming.clear()
         tasks = list(self._dns_tasks.values())
         self._dns_tasks.clear()
         for t in tasks:
@@ -1678,6 +1856,7 @@ class ClusterManager:
         conns = [c for cl in clusters for p in cl.pools() for c in p.connections()]
         for cl in clusters:
             cl.close()
+            await cl.stop()
         self._draining = []
         waits = [c.lost for c in conns if not c.lost.done()]
         if waits:

@@ -37,6 +37,7 @@ from microenvoy.config.model import RetryPolicy, Route, RouteConfiguration, Virt
 from microenvoy.core.errors import ConfigError
 from microenvoy.core.exchange import Exchange
 from microenvoy.core.headers import Headers
+from microenvoy.router.hash_policy import HashFn, compile_hash_policies
 from microenvoy.router.headers import HeaderMutation, levels_in_order, rewrite_host, rewrite_path
 from microenvoy.router.matchers import HeadersMatcher, compile_header_matchers
 from microenvoy.router.retry import RetryState
@@ -73,6 +74,7 @@ class RouteEntry:
         "_picker",
         "_prefix_rewrite",
         "cluster",
+        "hash_key",
         "request_mutations",
         "response_mutations",
         "retry_policy",
@@ -101,6 +103,10 @@ class RouteEntry:
             if action is not None and action.weighted_clusters
             else None
         )
+        self.hash_key: HashFn | None = (
+            compile_hash_policies(action.hash_policy) if action is not None and action.hash_policy else None
+        )
+        """``(request headers, source ip) -> int | None`` for hash balancers, from the route's hash_policy."""
         self.retry_policy: RetryPolicy | None = (
             action.retry_policy if action is not None and action.retry_policy else virtual_host.retry_policy
         )
