@@ -677,11 +677,12 @@ class HealthChecker:
         if self._started:
             return
         self._started = True
-        _ = self.first_round
+        if self._check is not None:
+            self._round_hosts = set(self.cluster.hosts)
+        _ = self.first_round  # (done at once when there is nothing to check)
         if self._check is None:
             self._maybe_round_done()
             return
-        self._round_hosts = set(self.cluster.hosts)
         self.hosts_changed()
         self._maybe_round_done()
 

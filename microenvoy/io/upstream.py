@@ -1368,6 +1368,8 @@ class UpstreamCluster:
         if self._outlier_timer is not None:
             self._outlier_timer.cancel()
             self._outlier_timer = None
+        if self.outlier is not None:
+            self.outlier.close()  # its ejections stop counting in the shared gauges
         if self.health_checker is not None and self._hc_stop is None:
             self._hc_stop = asyncio.get_running_loop().create_task(self.health_checker.stop())
 
@@ -1581,6 +1583,19 @@ class UpstreamCluster:
             f"{n}::default_priority::max_retries::{t.max_retries}",
             f"{n}::added_via_api::false",
         ]
+        od = self.outlier
+        if od is not None:
+            out.append(f"{n}::outlier::success_rate_average::{od.success_rate_average:g}")
+            out.append(
+                f"{n}::outlier::success_rate_ejection_threshold::{od.success_rate_ejection_threshold:g}"
+            )
+            out.append(
+                f"{n}::outlier::local_origin_success_rate_average::{od.local_origin_success_rate_average:g}"
+            )
+            out.append(
+                f"{n}::outlier::local_origin_success_rate_ejection_threshold::"
+                f"{od.local_origin_success_rate_ejection_threshold:g}"
+            )
         for h in self.hosts:
             a = f"{n}::{h.address_text}"
             for stat, value in _host_stats(h):
@@ -1593,8 +1608,8 @@ class UpstreamCluster:
             out.append(f"{a}::sub_zone::")
             out.append(f"{a}::canary::false")
             out.append(f"{a}::priority::0")
-            out.append(f"{a}::success_rate::-1")
-            out.append(f"{a}::local_origin_success_rate::-1")
+            out.append(f"{a}::success_rate::{h.success_rate:g}")
+            out.append(f"{a}::local_origin_success_rate::{h.local_origin_success_rate:g}")
         return out
 
     def admin_json(self) -> dict[str, Any]:
@@ -1617,14 +1632,29 @@ class UpstreamCluster:
                         **({"failed_active_health_check": True} if not h.healthy else {}),
                     },
                     "weight": h.weight,
+                    **({"success_rate": {"value": h.success_rate}} if h.success_rate >= 0 else {}),
+                    **(
+                        {"local_origin_success_rate": {"value": h.local_origin_success_rate}}
+                        if h.local_origin_success_rate >= 0
+                        else {}
+                    ),
                     "hostname": h.hostname,
                     "locality": {},
                 }
             )
+        od = self.outlier
+        extra: dict[str, Any] = {}
+        if od is not None and od.success_rate_ejection_threshold >= 0:
+            extra["success_rate_ejection_threshold"] = {"value": od.success_rate_ejection_threshold}
+        if od is not None and od.local_origin_success_rate_ejection_threshold >= 0:
+            extra["local_origin_success_rate_ejection_threshold"] = {
+                "value": od.local_origin_success_rate_ejection_threshold
+            }
         return {
             "name": self.name,
             "observability_name": self.name,
             "added_via_api": False,
+            **extra,
             "circuit_breakers": {
                 "thresholds": [
                     {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import ssl
 import time
@@ -23,6 +24,7 @@ import pytest
 from nginx import BIG_SIZE, CLIENT_URI, SERVER_URI, NginxServer, big_body, make_test_pki, nginx_available
 
 from microenvoy.admin.stats import Store
+from microenvoy.config.health_check import HealthCheck, HttpHealthCheck
 from microenvoy.config.model import (
     Cluster,
     CommonTlsContext,
@@ -1076,3 +1078,56 @@ async def _until(cond: Any) -> None:
     """Poll a condition on the loop (bounded by the caller's wait_for)."""
     while not cond():  # noqa: ASYNC110 - the state lives in the pool, there is no event to wait on
         await asyncio.sleep(0.005)
+
+
+# -------------------------------------------------------------------------------------------- warming
+def _hc(path: str = "/") -> HealthCheck:
+    return HealthCheck(
+        timeout=1.0,
+        interval=0.05,
+        unhealthy_threshold=1,
+        healthy_threshold=1,
+        no_traffic_interval=0.05,
+        http_health_check=HttpHealthCheck(path=path),
+    )
+
+
+async def test_start_waits_for_the_first_health_check_round(nginx: NginxServer, manager: Any) -> None:
+    cm = manager(cluster("hc", nginx.port, health_checks=(_hc(),)))
+    await asyncio.wait_for(cm.start(), 10)
+    cl = cm.get("hc")
+    assert cl.warmed is not None
+    assert cl.warmed.done()
+    assert [h.healthy for h in cl.hosts] == [True]
+
+
+async def test_changed_cluster_serves_only_once_warm(nginx: NginxServer, manager: Any) -> None:
+    """The old runtime keeps serving until the replacement's first health-check round is over; a dead
+    replacement host is then known to be unhealthy before any request reaches it."""
+    store = Store()
+    cm = manager(cluster("w", nginx.port), store=store)
+    await cm.start()
+    old = cm.get("w")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers: the check can only time out
+    try:
+        slow_hc = dataclasses.replace(_hc(), timeout=0.5)
+        cm.update([cluster("w", silent.getsockname()[1], health_checks=(slow_hc,))])
+        assert cm.get("w") is old  # warming: still the old one
+        assert (await fetch(old, "/"))[0] == 200
+        await wait_until(lambda: cm.get("w") is not old, what="the warm cluster to take over")
+        new = cm.get("w")
+        assert [h.healthy for h in new.hosts] == [False]
+        assert old.draining
+    finally:
+        silent.close()
+
+
+async def test_new_cluster_name_is_unknown_until_warm(nginx: NginxServer, manager: Any) -> None:
+    cm = manager(cluster("a", nginx.port))
+    await cm.start()
+    cm.update([cluster("a", nginx.port), cluster("b", nginx.port, health_checks=(_hc(),))])
+    assert cm.get("b") is None
+    await wait_until(lambda: cm.get("b") is not None, what="cluster b to warm")
+    assert cm.get("a") is not None
