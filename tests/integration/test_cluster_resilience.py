@@ -195,9 +195,19 @@ async def test_killed_upstream_is_ejected_and_returns(agent: Factory, upstreams:
 
 
 # ====================================================================================== health checking
-def test_failing_health_check_removes_host_and_it_returns(agent: Factory, upstreams: UpstreamGroup) -> None:
+@pytest.mark.parametrize("retriable", [True, False], ids=["503-retriable", "503-immediate"])
+def test_failing_health_check_removes_host_and_it_returns(
+    agent: Factory, upstreams: UpstreamGroup, retriable: bool
+) -> None:
+    """As in Envoy, a status listed in ``retriable_statuses`` counts toward ``unhealthy_threshold``; any other
+    unexpected status (the plain case) marks the host unhealthy at the first failed check."""
     interval, threshold = 0.2, 2
-    hc = C.http_health_check("/health", interval=f"{interval}s", unhealthy_threshold=threshold)
+    hc = C.http_health_check(
+        "/health",
+        interval=f"{interval}s",
+        unhealthy_threshold=threshold,
+        retriable_statuses=[(503, 504)] if retriable else [],
+    )
     svc = C.cluster("hc", upstreams.ports, health_checks=[hc])
     a: Agent = agent(C.bootstrap([listener([C.route("/", "hc")])], [svc]), name="hc")
     port = a.port("http")
@@ -209,7 +219,9 @@ def test_failing_health_check_removes_host_and_it_returns(agent: Factory, upstre
     get_seq(port, "/before", 30)
     assert all(n > 0 for n in upstreams.path_counts("/before").values()), upstreams.path_counts("/before")
 
+    needed = threshold if retriable else 1
     checks_before = victim.path_count("/health")
+    failures_before = a.stat("cluster.hc.health_check.failure")
     flipped_at = time.monotonic()
     victim.set_health(503)
     wait_for(
@@ -219,16 +231,16 @@ def test_failing_health_check_removes_host_and_it_returns(agent: Factory, upstre
         message="/failed_active_hc on the host whose /health answers 503",
     )
     removed_after = time.monotonic() - flipped_at
-    # unhealthy_threshold consecutive failures were needed, and they took at most that many intervals
-    assert victim.path_count("/health") - checks_before >= threshold
-    assert removed_after <= interval * threshold + 0.5, f"removed after {removed_after:.3f} s"
+    # the failures needed were counted, and they took at most that many intervals (+ scheduling slack)
+    assert victim.path_count("/health") - checks_before >= needed
+    assert removed_after <= interval * needed + 0.5, f"removed after {removed_after:.3f} s"
+    assert a.stat("cluster.hc.health_check.failure") - failures_before >= needed
 
     statuses = [r.status for r in get_seq(port, "/during", 30)]
     assert statuses == [200] * 30
     during = upstreams.path_counts("/during")
     assert during["b"] == 0, during
     assert during["a"] + during["c"] == 30
-    assert a.stat("cluster.hc.health_check.failure") >= threshold
 
     victim.set_health(200)
     wait_for(lambda: flags_of(a, "hc", victim.port) == "healthy", 5, message="the host healthy again")
@@ -267,7 +279,8 @@ async def test_circuit_breaker_max_requests(agent: Factory, upstreams: UpstreamG
         return rows if len(rows) >= 50 else None
 
     rows = wait_for(lines, 10, message="50 access log lines")
-    assert Counter((row["code"], row["flags"]) for row in rows) == {("200", "-"): 10, ("503", "UO"): 40}
+    # str(): Envoy renders a lone %RESPONSE_CODE% in json_format as a number
+    assert Counter((str(row["code"]), row["flags"]) for row in rows) == {("200", "-"): 10, ("503", "UO"): 40}
 
 
 # ====================================================================================== distribution

@@ -362,19 +362,25 @@ def http_health_check(
     unhealthy_threshold: int = 2,
     healthy_threshold: int = 1,
     no_traffic_interval: str | None = None,
+    retriable_statuses: Sequence[tuple[int, int]] = (),
     **extra: Any,
 ) -> dict[str, Any]:
     """One ``health_checks[]`` entry with ``http_health_check.path`` (Envoy's core.v3.HealthCheck).
 
     ``no_traffic_interval`` defaults to ``interval`` here (Envoy's default is 60 s, too slow for a test).
+    ``retriable_statuses`` are ``[start, end)`` ranges: as in Envoy, only those (and network failures) count
+    toward ``unhealthy_threshold``; any other unexpected status marks the host unhealthy at once.
     """
+    http: dict[str, Any] = {"path": path}
+    if retriable_statuses:
+        http["retriable_statuses"] = [{"start": a, "end": b} for a, b in retriable_statuses]
     return {
         "timeout": timeout,
         "interval": interval,
         "no_traffic_interval": no_traffic_interval or interval,
         "unhealthy_threshold": unhealthy_threshold,
         "healthy_threshold": healthy_threshold,
-        "http_health_check": {"path": path},
+        "http_health_check": http,
         **extra,
     }
 
