@@ -155,6 +155,12 @@ def _nonzero_bits(rng: random.Random, bits: int) -> int:
             return v
 
 
+def _ns(wall: float) -> int:
+    """Wall clock seconds -> integer nanoseconds without the float error of ``wall * 1e9`` at 1.7e18."""
+    whole = int(wall)
+    return whole * 1_000_000_000 + round((wall - whole) * 1e9)
+
+
 def _draw(rng: random.Random, percent: float) -> bool:
     if percent >= 100.0:
         return True
@@ -243,7 +249,7 @@ class Span:
 
     def finish(self, ex: Exchange, end_wall: float, *, name: str | None = None, max_path: int = 256) -> None:
         """Record the end (``end_wall``: wall clock seconds) and the exchange's attributes."""
-        self.end_ns = max(self.start_ns, int(end_wall * 1e9))
+        self.end_ns = max(self.start_ns, _ns(end_wall))
         if name:
             self.name = name
         self.method = ex.method.decode("latin-1")
@@ -300,7 +306,7 @@ def start_span(
         trace_id, parent_id = _nonzero_bits(rng, 128), 0
         percent = config.client_sampling if _CLIENT_TRACE_ID in headers else config.random_sampling
         flags = SAMPLED if _draw(rng, percent) and _draw(rng, config.overall_sampling) else 0
-    return Span(trace_id, _nonzero_bits(rng, 64), parent_id, flags, tracestate, int(now_wall * 1e9))
+    return Span(trace_id, _nonzero_bits(rng, 64), parent_id, flags, tracestate, _ns(now_wall))
 
 
 # ------------------------------------------------------------------------------------------- OTLP JSON
