@@ -168,7 +168,7 @@ def _percent(r: Reader, key: str, default: float) -> float:
         value = r.number(key, default)
         where = r.sub(key)
     if not 0.0 <= value <= 100.0:
-        r.errors.append(f"{where}: must be between 0 and 100, got {value}")
+        r.errors.append(f"{where}: must be between 0 and 100, got {value:g}")
         return default
     return value
 
