@@ -475,3 +475,18 @@ async def test_no_traffic_interval_until_the_cluster_carries_traffic(http_server
         await until(lambda: len(http_server.requests) >= before + 12, "fast checks after traffic")
         assert time.monotonic() - start < 12 * 0.3  # far quicker than no_traffic_interval pacing
     cluster.close()
+
+
+async def test_immediate_failure_reported_from_traffic(http_server: FlipHttpServer) -> None:
+    cluster = make_cluster("passive", http_server.port)
+    async with Run(cluster, hc(unhealthy_threshold=5, interval=0.2)) as run:
+        await asyncio.wait_for(run.checker.first_round, WITHIN)
+        assert run.host.healthy
+        calls = run.changes.calls
+        run.checker.report_immediate_failure(run.host)
+        assert not run.host.healthy  # at once, no threshold
+        assert run.stat("passive_failure") == 1
+        assert run.changes.calls == calls + 1
+        await until(lambda: run.host.healthy, "the endpoint still answers 200: healthy again")
+        run.checker.report_immediate_failure(Host(("127.0.0.1", 1)))  # not a checked host: ignored
+        assert run.stat("passive_failure") == 1
