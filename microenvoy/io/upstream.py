@@ -303,6 +303,9 @@ class UpstreamStream:
         cluster._stats.response_code(self._status)
         if cluster.outlier is not None:
             cluster.outlier.report_http(self.host, self._status, asyncio.get_running_loop().time())
+        hc = cluster.health_checker
+        if hc is not None and b"x-envoy-immediate-health-check-fail" in headers:
+            hc.report_immediate_failure(self.host)  # the upstream asks to be taken out now (passive)
         if end_stream:
             self._on_end()
         self._wake()

@@ -1131,3 +1131,26 @@ async def test_new_cluster_name_is_unknown_until_warm(nginx: NginxServer, manage
     assert cm.get("b") is None
     await wait_until(lambda: cm.get("b") is not None, what="cluster b to warm")
     assert cm.get("a") is not None
+
+
+async def test_immediate_health_check_fail_header_on_traffic_fails_the_host(
+    tmp_path: Path, manager: Any
+) -> None:
+    if not nginx_available():
+        pytest.skip("nginx is not installed")
+    srv = NginxServer(
+        tmp_path, locations={"/bye": "add_header x-envoy-immediate-health-check-fail true; return 200 'bye';"}
+    )
+    srv.start()
+    try:
+        store = Store()
+        slow = dataclasses.replace(_hc(), interval=30.0, no_traffic_interval=30.0)
+        cm = manager(cluster("p", srv.port, health_checks=(slow,)), store=store)
+        await cm.start()
+        cl = cm.get("p")
+        assert [h.healthy for h in cl.hosts] == [True]
+        assert (await fetch(cl, "/bye"))[0] == 200
+        assert [h.healthy for h in cl.hosts] == [False]
+        assert stat(store, "cluster.p.health_check.passive_failure") == 1
+    finally:
+        srv.stop()
