@@ -64,9 +64,15 @@ class LoadBalancer(Protocol):
     def hosts_changed(self) -> None: ...
 
 
+_BLAKE2B_64 = blake2b(digest_size=8)
+
+
 def _hash64(data: bytes) -> int:
-    # Same function as microenvoy.router.hash_policy.hash64 (not imported: upstream must not need router).
-    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little")
+    # Same function as microenvoy.router.hash_policy.hash64 (not imported: that module loads the config
+    # package, which upstream does not need). A test checks that both agree.
+    h = _BLAKE2B_64.copy()
+    h.update(data)
+    return int.from_bytes(h.digest(), "little")
 
 
 class _Base:
