@@ -314,9 +314,10 @@ FAILOVER_CLUSTER = {
 
 
 def nginx_proxy_config(
-    port: int, upstream_ports: Sequence[int], *, balance: str = "", failover: bool = True
+    port: int, upstream_ports: Sequence[int], *, balance: str = "", failover: bool = True, http2: bool = False
 ) -> str:
-    """``http {}`` body: a proxy on ``port`` to ``upstream_ports`` (round robin unless ``balance`` is set)."""
+    """``http {}`` body: a proxy on ``port`` (h2c with ``http2``) to ``upstream_ports`` over HTTP/1.1
+    (round robin unless ``balance`` is set, e.g. ``least_conn;``)."""
     fails = " max_fails=1 fail_timeout=30s" if failover else " max_fails=0"
     servers = "\n".join(f"        server 127.0.0.1:{p}{fails};" for p in upstream_ports)
     next_upstream = "error timeout http_502 http_503" if failover else "off"
@@ -327,7 +328,7 @@ def nginx_proxy_config(
         keepalive 64;
     }}
     server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
+        listen 127.0.0.1:{port}{" http2" if http2 else ""} backlog=4096;
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
