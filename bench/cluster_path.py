@@ -1,24 +1,25 @@
-"""Cost of the cluster path: each load balancer's pick in isolation, then whole requests through the agent.
+"""Cost of the whole cluster path per request, per load balancer, against nginx round robin.
 
     .venv/bin/python bench/cluster_path.py [-d 8] [-c 4] [--policies ROUND_ROBIN,MAGLEV,...] [--no-nginx]
-                                           [--pick-only | --no-pick] [--markdown out.md] [--json out.json]
+                                           [--h1] [--markdown out.md] [--json out.json]
 
-1. **pick**: ``microenvoy.upstream.lb.make_lb(policy).choose(hosts, hash_key)`` in a tight loop, in this
-   process, for 3 and 100 equally weighted hosts (the request's hash key varies per call): ns per pick.
-   Ring hash and Maglev build their table on the first pick; that build is timed separately.
-2. **whole path**: three nginx backends (one nginx process, three ``server`` blocks answering ``return 200``)
-   behind the proxy, loaded with ``h2load -c C -m 1`` over h2c (closed loop, C connections, one request in
-   flight each: "sequential-ish"; ``--h1`` for HTTP/1.1), a short unmeasured warm-up first. Targets:
+(The cost of one pick in isolation is ``bench/lb_pick.py``.)
 
-   * ``microenvoy <POLICY>``: HTTP/1.1 + h2c listener -> route (``hash_policy`` on header ``x-user`` for
-     RING_HASH and MAGLEV) -> cluster of the three backends (HTTP/1.1) with that ``lb_policy``;
-   * ``microenvoy 1 host``: the same with a single-endpoint cluster (no choice to make: the baseline);
-   * ``nginx round robin``: a second nginx process proxying to the same backends (``keepalive 64``).
+Three nginx backends (one nginx process, three ``server`` blocks answering ``return 200``) sit behind the
+proxy, loaded with ``h2load -c C -m 1`` over h2c (closed loop, C connections, one request in flight each:
+"sequential-ish"; ``--h1`` for HTTP/1.1), after a short unmeasured warm-up. Targets:
 
-   Reported: req/s, mean latency, errors, the proxy's CPU µs per request (``/proc/PID/stat`` around the
-   measured run) and, for microenvoy, how the requests spread over the hosts (``/clusters`` ``rq_total``).
-   h2load sends the same ``x-user`` on every request, so the hash policies send everything to one host:
-   this measures their cost, not their spread (the integration tests check the spread).
+* ``microenvoy <POLICY>``: HTTP/1.1 + h2c listener -> route (``hash_policy`` on header ``x-user`` for
+  RING_HASH and MAGLEV) -> cluster of the three backends (HTTP/1.1) with that ``lb_policy``;
+* ``microenvoy 1 host``: the same with a single-endpoint cluster (no choice to make: the baseline);
+* ``nginx round robin``: a second nginx process proxying to the same backends (``keepalive 64``).
+
+Reported: req/s, mean latency, errors, the proxy's CPU µs per request (``/proc/PID/stat`` around the
+measured run) and, for microenvoy, how the requests spread over the hosts (``/clusters`` ``rq_total``).
+h2load sends the same ``x-user`` on every request, so the hash policies send everything to one host: this
+measures their cost, not their spread (tests/integration/test_cluster_resilience.py checks the spread).
+With ``--rounds N`` the targets are measured N times, interleaved; the table shows each target's median
+round by CPU per request (the machine is noisy; CPU per request moves less than req/s).
 
 Every child is killed when the script exits (also on Ctrl-C). Process helpers come from ``failover.py``.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import shutil
 import subprocess
@@ -43,7 +43,7 @@ sys.path.insert(1, str(HERE.parent))
 
 from failover import Procs, admin_get, free_port, microenvoy_config, nginx_proxy_config, proc_cpu_seconds  # noqa: E402
 
-__all__ = ["main", "measure_picks", "run_h2load"]
+__all__ = ["main", "measure_target", "run_h2load"]
 
 POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV")
 HASHED = ("RING_HASH", "MAGLEV")
@@ -52,50 +52,6 @@ _REQUESTS = re.compile(
     r"requests:\s+(\d+) total,\s+(\d+) started,\s+(\d+) done,\s+(\d+) succeeded,\s+(\d+) failed"
 )
 _TIME = re.compile(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)")
-
-
-# ================================================================================================ picks
-def measure_picks(
-    policies: Sequence[str], host_counts: Sequence[int] = (3, 100), n: int = 200_000
-) -> list[dict[str, Any]]:
-    """ns per ``choose()`` for each policy and host count (and the first pick, which builds tables)."""
-    from microenvoy.upstream.host import Host
-    from microenvoy.upstream.lb import make_lb
-
-    rows = []
-    rng = random.Random(7)
-    keys = [rng.getrandbits(64) for _ in range(4096)]
-    for policy in policies:
-        for count in host_counts:
-            hosts = [Host((f"10.0.{i // 250}.{i % 250 + 1}", 8000), 1) for i in range(count)]
-            lb = make_lb(policy, rng=random.Random(1))
-            t = time.perf_counter()
-            lb.choose(hosts, keys[0])
-            first = time.perf_counter() - t
-            choose = lb.choose
-            mask = len(keys) - 1
-            t = time.perf_counter()
-            for i in range(n):
-                choose(hosts, keys[i & mask])
-            per = (time.perf_counter() - t) / n
-            rows.append(
-                {"policy": policy, "hosts": count, "ns_per_pick": per * 1e9, "first_pick_ms": first * 1e3}
-            )
-    return rows
-
-
-def picks_table(rows: list[dict[str, Any]]) -> str:
-    counts = sorted({r["hosts"] for r in rows})
-    head = " | ".join(f"ns/pick, {c} hosts" for c in counts)
-    first = " | ".join(f"first pick ms, {c} hosts" for c in counts)
-    out = [f"| lb_policy | {head} | {first} |", "|---" + "|---:" * (2 * len(counts)) + "|"]
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        by = {r["hosts"]: r for r in rows if r["policy"] == policy}
-        cells = [f"{by[c]['ns_per_pick']:.0f}" for c in counts] + [
-            f"{by[c]['first_pick_ms']:.2f}" for c in counts
-        ]
-        out.append(f"| {policy} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
 
 
 # ================================================================================================ whole path
@@ -216,11 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         " as microenvoy sends it, as failed)",
     )
     p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--rounds", type=int, default=1, help="measure every target N times, interleaved")
     p.add_argument("--no-nginx", action="store_true", help="skip the nginx round-robin proxy")
     p.add_argument("--no-baseline", action="store_true", help="skip the single-host microenvoy run")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--pick-only", action="store_true", help="only the in-process pick benchmark")
-    mode.add_argument("--no-pick", action="store_true", help="skip the in-process pick benchmark")
     p.add_argument("--agent-log-level", default="warning")
     p.add_argument("--markdown", help="also write the tables to this file")
     p.add_argument("--json", dest="json_out", help="write the figures to this file")
@@ -230,47 +184,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     for policy in policies:
         if policy not in POLICIES:
             p.error(f"unknown policy {policy!r}")
-    result: dict[str, Any] = {}
-    tables = []
-    if not args.no_pick:
-        print("pick: in-process choose() ...", flush=True)
-        result["picks"] = measure_picks(policies)
-        tables.append("Load balancer pick (in process):\n\n" + picks_table(result["picks"]))
-        print(tables[-1], flush=True)
-    if not args.pick_only:
-        targets = [f"microenvoy {x}" for x in policies]
-        if not args.no_baseline:
-            targets.insert(0, "microenvoy 1 host")
-        if not args.no_nginx:
-            targets.append("nginx round robin")
-        procs = Procs(keep_tmp=args.keep_tmp)
-        rows = []
-        try:
-            ports = [free_port() for _ in range(3)]
-            procs.start_nginx("backends", backends_config(ports), ports)
+    targets = [f"microenvoy {x}" for x in policies]
+    if not args.no_baseline:
+        targets.insert(0, "microenvoy 1 host")
+    if not args.no_nginx:
+        targets.append("nginx round robin")
+    procs = Procs(keep_tmp=args.keep_tmp)
+    rows = []
+    try:
+        ports = [free_port() for _ in range(3)]
+        procs.start_nginx("backends", backends_config(ports), ports)
+        for rnd in range(args.rounds):
             for name in targets:
-                print(f"whole path: {name} ...", flush=True)
-                rows.append(measure_target(procs, name, ports, args))
-                r = rows[-1]
-                print(
-                    f"  {r['rps']:.0f} req/s, {r['proxy_cpu_us_per_req']:.0f} µs/req, errors {r['errors']}",
-                    flush=True,
-                )
-        finally:
-            procs.close()
-        result["path"] = rows
-        tables.append(
-            f"Whole cluster path (h2load {'--h1' if args.h1 else 'h2c -m 1'} -c {args.connections},"
-            f" {args.duration} s per target):\n\n" + path_table(rows)
-        )
+                print(f"round {rnd + 1}: {name} ...", flush=True)
+                r = measure_target(procs, name, ports, args)
+                r["round"] = rnd + 1
+                rows.append(r)
+                print(f"  {r['rps']:.0f} req/s, {r['proxy_cpu_us_per_req']:.0f} µs/req, errors {r['errors']}")
+    finally:
+        procs.close()
+    load = f"h2load {'--h1' if args.h1 else 'h2c -m 1'} -c {args.connections}, {args.duration} s per target"
+    medians = []
+    for name in targets:
+        runs = sorted((r for r in rows if r["target"] == name), key=lambda r: r["proxy_cpu_us_per_req"])
+        medians.append(runs[(len(runs) - 1) // 2])
+    rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
+    table = f"Whole cluster path ({load}{rounds}):\n\n" + path_table(medians)
     cmdline = " ".join(["bench/cluster_path.py", *(argv if argv is not None else sys.argv[1:])])
-    text = f"Command: `{cmdline}`\n\n" + "\n\n".join(tables) + "\n"
+    text = f"Command: `{cmdline}`\n\n{table}\n"
     print()
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
     return 0
 
 
