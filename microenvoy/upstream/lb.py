@@ -314,13 +314,17 @@ class RandomLb(_Base):
 
 # ============================================================================================ ring hash
 class RingHashLb(_Base):
-    """Envoy's ketama-style consistent hash ring (``RING_HASH``).
+    """Ketama-style consistent hash ring (``RING_HASH``).
 
-    Each candidate host puts ``scale * normalized_weight`` points on the ring, point ``i`` at
-    ``hash64("<address>_<i>")``; ``scale`` makes the lightest host get a whole number of points with the ring
-    at least ``minimum_ring_size`` large, capped at ``maximum_ring_size`` (running sums spread fractional
-    points). A key maps to the first point at or after it, wrapping around: O(log ring size) per pick with
-    ``bisect`` and no allocation. Adding or removing one of N hosts moves only that host's ~1/N of keys.
+    Every candidate host puts its own points on the ring, point ``i`` at ``hash64("<address>_<i>")``: the
+    lightest host gets ``minimum_ring_size`` points and the others proportionally more by weight, the whole
+    ring capped at ``maximum_ring_size`` (then scaled down). A key maps to the first point at or after it,
+    wrapping around: O(log ring size) per pick with ``bisect`` and no allocation.
+
+    Unlike Envoy, which shares ``minimum_ring_size`` points among all hosts (so adding a host takes points
+    away from every other host and moves more keys than the new host's share), a host's point count does not
+    depend on how many other hosts there are: adding or removing one of N equal hosts moves exactly the keys
+    of that host's points, ~1/N. The price is a ring N times larger (N * 1024 points by default).
     """
 
     __slots__ = (
@@ -359,23 +363,18 @@ class RingHashLb(_Base):
         if not candidates:
             return
         hosts = sorted(candidates, key=lambda h: h.address_text)
-        total = sum(h.weight for h in hosts)
-        min_weight = min(h.weight for h in hosts) / total
-        scale = min(
-            math.ceil(min_weight * self.minimum_ring_size) / min_weight, float(self.maximum_ring_size)
-        )
+        min_weight = min(h.weight for h in hosts)
+        per_host = [self.minimum_ring_size * h.weight / min_weight for h in hosts]
+        total = sum(per_host)
+        if total > self.maximum_ring_size:  # scale down; floor so the cap holds (every host keeps a point)
+            per_host = [math.floor(n * self.maximum_ring_size / total) for n in per_host]
         points: list[tuple[int, int]] = []
-        current = target = 0.0
         lo, hi = math.inf, 0
-        for index, h in enumerate(hosts):
+        for index, (h, n) in enumerate(zip(hosts, per_host, strict=True)):
             prefix = h.address_text.encode() + b"_"
-            target += scale * h.weight / total
-            i = 0
-            while current < target:
-                points.append((_hash64(prefix + str(i).encode()), index))
-                i += 1
-                current += 1
-            lo, hi = min(lo, i), max(hi, i)
+            count = max(1, round(n))
+            points.extend((_hash64(prefix + str(i).encode()), index) for i in range(count))
+            lo, hi = min(lo, count), max(hi, count)
         points.sort()
         self._hashes = [p for p, _ in points]
         self._ring_hosts = [hosts[i] for _, i in points]
