@@ -1058,6 +1058,13 @@ def _check_listener(
             for path, cluster in _route_cluster_refs(nf.config.route_config):
                 if cluster and cluster not in clusters:
                     yield f"{hp}.{path}: unknown cluster {cluster!r}"
+            tracing = nf.config.tracing
+            service = getattr(tracing.provider, "http_service", None) if tracing is not None else None
+            if service is not None and service.cluster not in clusters:
+                yield (
+                    f"{hp}.tracing.provider.typed_config.http_service.http_uri.cluster: "
+                    f"unknown cluster {service.cluster!r}"
+                )
     adv = li.advertise_http3
     if adv is not None and adv.listener:
         target = by_name.get(adv.listener)

@@ -248,7 +248,7 @@ class AccessLog:
     name: str
     path: str | None = None
     """None for stdout."""
-    json_format: tuple[tuple[str, str], ...] = ()
+    json_format: tuple[tuple[str, Any], ...] = ()
     """``log_format.json_format`` (key -> Envoy command string); empty = the default text format."""
     text_format: str | None = None
 

@@ -43,9 +43,11 @@ from microenvoy.core.headers import HOP_BY_HOP, Headers
 from microenvoy.extensions import http_filter_module
 from microenvoy.io.upstream import UpstreamError
 from microenvoy.router.table import RouteEntry, RouteTable
+from microenvoy.tracing import TRACE_HEADERS, start_span
 
 if TYPE_CHECKING:
     from microenvoy.io.access_log import AccessLogger
+    from microenvoy.io.trace_export import SpanExporter
     from microenvoy.io.upstream import ClusterManager, UpstreamStream
 
 __all__ = ["ActiveStream", "DownstreamConnection", "HttpFront"]
@@ -146,6 +148,7 @@ class HttpFront:
         alt_svc: Callable[[], bytes | None] | None = None,
         access_loggers: tuple[AccessLogger, ...] = (),
         buffer_limit: int = 1048576,
+        exporter: SpanExporter | None = None,
     ) -> None:
         self.config = config
         self.clusters = clusters
@@ -155,6 +158,8 @@ class HttpFront:
         self.routes = RouteTable(config.route_config)
         self.alt_svc = alt_svc
         self.access_loggers = access_loggers
+        self.exporter = exporter
+        """Where finished sampled spans go (None: trace context is propagated, nothing exported)."""
         self.buffer_limit = buffer_limit
         self.server_name = config.server_name.encode("latin-1", "replace")
         ctx = FactoryContext(self.scope, config.stat_prefix, self.random, health)
@@ -323,7 +328,16 @@ class ActiveStream:
                 downstream.protocol, downstream.remote_address, downstream.local_address,
                 downstream.listener_name, downstream.tls, downstream.sni, downstream.peer_sans, True,
             )  # fmt: skip
-        self.exchange = Exchange(headers, downstream, time.monotonic(), time.time())
+        self.exchange = ex = Exchange(headers, downstream, time.monotonic(), time.time())
+        config = front.config
+        if config.generate_request_id and b"x-request-id" not in headers:
+            headers.add(b"x-request-id", _request_id(front.random))  # seen by filters and access logs too
+        span = start_span(headers, front.random, ex.wall_start, config.tracing)
+        if span is not None:
+            ex.span = span
+            rid = headers.get(b"x-request-id")
+            if rid is not None:
+                span.request_id = rid.decode("latin-1")
         self.body = _RequestBody()
         if end_stream:
             self.body.ended = True
@@ -772,7 +786,11 @@ class ActiveStream:
         xff: bytes | None = None
         request_id = False
         early = ex.downstream.early_data
+        span = ex.span
+        replaced = TRACE_HEADERS if span is not None else _NOTHING
         for k, v in ex.request_headers:
+            if k in replaced:
+                continue
             if k in _DROPPED_UPSTREAM or k.startswith(_METADATA_PREFIX):
                 if k == b"te":  # hop-by-hop, but "te: trailers" is kept (gRPC needs it)
                     te_trailers = te_trailers or b"trailers" in v.lower()
@@ -796,6 +814,8 @@ class ActiveStream:
             out.append((b"x-request-id", _request_id(front.random)))
         if early:
             out.append((b"early-data", b"1"))  # RFC 8470 section 5.1
+        if span is not None:
+            out.extend(span.outgoing_headers())  # our span id as the parent of the next hop
         h = Headers(out)
         entry.finalize_request_headers(h, ex, insert_original_path=not front.suppress_envoy_headers)
         return h
@@ -942,6 +962,17 @@ class ActiveStream:
         for _, n in self.body.chunks:
             self.conn.acknowledge(self.stream_id, n)
         self.body.chunks.clear()
+        span = ex.span
+        if span is not None and span.sampled and front.exporter is not None:
+            tracing = front.config.tracing
+            route = self.entry.route.name if self.entry is not None else ""
+            span.finish(
+                ex,
+                ex.wall_start + (time.monotonic() - ex.start_time),
+                name=route or None,
+                max_path=tracing.max_path_tag_length if tracing is not None else 256,
+            )
+            front.exporter.submit(span)
         for logger in front.access_loggers:
             logger.log(ex)
         self.conn.stream_closed(self)
@@ -955,6 +986,7 @@ def _request_id(rng: _random.Random) -> bytes:
 
 
 _NO_HEADERS = Headers()
+_NOTHING: frozenset[bytes] = frozenset()
 
 
 _RESET_TEXT = "upstream connect error or disconnect/reset before headers"

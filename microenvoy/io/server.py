@@ -41,7 +41,9 @@ from microenvoy.io.tcp_front import FilterChainRuntime, ListenerStats, TcpListen
 from microenvoy.io.upstream import ClusterManager
 
 if TYPE_CHECKING:  # QUIC (aioquic, ~12 MiB resident) is imported only when a UDP listener is configured
+    from microenvoy.config.tracing import Tracing
     from microenvoy.io.quic_front import QuicListener
+    from microenvoy.io.trace_export import SpanExporter
 
 __all__ = ["Server"]
 
@@ -88,6 +90,8 @@ class Server:
         self._lst: dict[str, TcpListener | QuicListener] = {}
         self._listener_configs: dict[str, Listener] = {}
         self._access_loggers: list[AccessLogger] = []
+        self._exporters: dict[Tracing, SpanExporter | None] = {}
+        """One span exporter per distinct tracing config, kept across reloads that keep the config."""
         self.admin: AdminServer | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -158,7 +162,10 @@ class Server:
         for lst in self._lst.values():
             lst.close_all()
         for al in self._access_loggers:
-            al.close()
+            await al.aclose()
+        for exporter in self._exporters.values():
+            if exporter is not None:
+                await exporter.close()  # the final flush goes through the collector's cluster: close it first
         await self.clusters.close()
         if self.admin is not None:
             await self.admin.close()
@@ -197,6 +204,7 @@ class Server:
                         alt_svc=self._alt_svc(lc, names),
                         access_loggers=loggers,
                         buffer_limit=lc.per_connection_buffer_limit_bytes,
+                        exporter=self._exporter(hcm.tracing),
                     )
                     tls = None if lc.address.protocol == "UDP" else self._ssl_context(chain, hcm)
                     chains.append(FilterChainRuntime(chain.server_names, front, tls))
@@ -208,6 +216,15 @@ class Server:
         if errors:
             raise ConfigError(errors)
         return fronts
+
+    def _exporter(self, tracing: Tracing | None) -> SpanExporter | None:
+        if tracing is None:
+            return None
+        if tracing not in self._exporters:
+            from microenvoy.io.trace_export import make_exporter  # only agents that export spans load it
+
+            self._exporters[tracing] = make_exporter(tracing, self.clusters, self.stats)
+        return self._exporters[tracing]
 
     def _alt_svc(self, lc: Listener, names: dict[str, Listener]) -> Any:
         adv = lc.advertise_http3

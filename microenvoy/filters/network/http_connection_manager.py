@@ -16,7 +16,9 @@ Two choices differ from Envoy and are documented in ``docs/configuration.md``:
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any
 
 from microenvoy import extensions
 from microenvoy.config.lb import parse_hash_policies
@@ -285,21 +287,30 @@ def _parse_access_log(r: Reader) -> AccessLog:
     return AccessLog(name=kind, path=path, json_format=json_format, text_format=text_format)
 
 
-def _json_format(lf: Reader) -> tuple[tuple[str, str], ...]:
+def _json_format(lf: Reader) -> tuple[tuple[str, Any], ...]:
     raw = lf.get("json_format")
     if not isinstance(raw, dict) or not raw:
         lf.error("expected a non-empty mapping of field name to format string", "json_format")
         return ()
-    out: list[tuple[str, str]] = []
-    for key, value in raw.items():
-        if not isinstance(value, str):
-            lf.error(
-                "expected a format string (nested and non-string values are not supported yet)",
-                f"json_format.{key}",
-            )
-        else:
-            out.append((str(key), value))
-    return tuple(out)
+    value = _json_format_value(lf, raw, "json_format")
+    return value if isinstance(value, tuple) else ()
+
+
+def _json_format_value(lf: Reader, value: Any, where: str) -> Any:
+    """A ``json_format`` value: format strings, literals (numbers, booleans, null) and nested mappings (kept
+    as tuples of pairs so the config stays hashable)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            lf.error("must be a finite number", where)
+        return value
+    if isinstance(value, dict):
+        return tuple((str(k), _json_format_value(lf, v, f"{where}.{k}")) for k, v in value.items())
+    lf.error(
+        "expected a format string, a number, a boolean, null or a mapping (lists are not supported)", where
+    )
+    return None
 
 
 # ============================================================================================ routes

@@ -1169,3 +1169,52 @@ def test_circuit_breaker_thresholds_parse_with_envoy_defaults() -> None:
     assert high.priority == "HIGH"
     assert high.retry_budget is not None
     assert (high.retry_budget.budget_percent, high.retry_budget.min_retry_concurrency) == (20.0, 7)
+
+
+def _with_hcm_extra(**extra: Any) -> dict[str, Any]:
+    doc = bootstrap()
+    doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"].update(extra)
+    return doc
+
+
+def test_tracing_collector_must_be_a_configured_cluster() -> None:
+    tracing = {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "http_service": {
+                    "http_uri": {"uri": "http://collector:4318/v1/traces", "cluster": "otel", "timeout": "1s"}
+                },
+            },
+        }
+    }
+    errs = errors_of(_with_hcm_extra(tracing=tracing))
+    assert errs == [
+        "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.tracing.provider.typed_config"
+        ".http_service.http_uri.cluster: unknown cluster 'otel'"
+    ]
+
+
+def test_json_format_values_may_be_typed_and_nested() -> None:
+    log = {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {
+                "json_format": {"code": "%RESPONSE_CODE%", "n": 1, "ok": True, "up": {"h": "%UPSTREAM_HOST%"}}
+            },
+        },
+    }
+    h = the_hcm(_with_hcm_extra(access_log=[log]))
+    assert h.access_log[0].json_format == (
+        ("code", "%RESPONSE_CODE%"),
+        ("n", 1),
+        ("ok", True),
+        ("up", (("h", "%UPSTREAM_HOST%"),)),
+    )
+    log["typed_config"]["log_format"] = {"json_format": {"bad": [1, 2]}}  # type: ignore[index]
+    assert errors_of(_with_hcm_extra(access_log=[log]))[0].endswith(
+        "log_format.json_format.bad: expected a format string, a number, a boolean, null or a mapping "
+        "(lists are not supported)"
+    )
