@@ -547,6 +547,12 @@ def test_example_edge_config_is_accepted() -> None:
     assert http.advertise_http3 == AdvertiseHttp3("quic", 86400)
     protocols = {c.name: c.upstream_protocol for c in b.static_resources.clusters}
     assert protocols == {"grpc_backend": "HTTP2", "rest_backend": "HTTP1"}
+    grpc, rest = b.static_resources.clusters
+    assert grpc.health_checks[0].kind == "grpc"
+    assert grpc.circuit_breakers[0].max_requests == 256
+    assert rest.health_checks[0].kind == "http"
+    assert rest.outlier_detection is not None
+    assert rest.outlier_detection.max_ejection_percent == 50
     h = http.filter_chains[0].filters[0].config
     assert isinstance(h, HttpConnectionManager)
     grpc_routes = [r for r in h.route_config.virtual_hosts[0].routes if r.match.grpc]
