@@ -190,7 +190,7 @@ async def _serve_h2(
     import h2.connection
     import h2.events
 
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
     conn.initiate_connection()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -222,8 +222,9 @@ async def _serve_h2(
         while data:
             for ev in conn.receive_data(data):
                 if isinstance(ev, h2.events.RequestReceived):
-                    hdrs = dict(ev.headers)
-                    pending[ev.stream_id] = (str(hdrs.get(":method", "GET")), str(hdrs.get(":path", "/")))
+                    hdrs = {bytes(k): bytes(v) for k, v in ev.headers or ()}
+                    method = hdrs.get(b":method", b"GET").decode("latin-1")
+                    pending[ev.stream_id] = (method, hdrs.get(b":path", b"/").decode("latin-1"))
                     if ev.stream_ended is not None:
                         method, target = pending.pop(ev.stream_id)
                         t = asyncio.ensure_future(answer(ev.stream_id, method, target))
