@@ -15,6 +15,8 @@ headers) and return ``ProtocolFailure``; the front flushes and closes.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 import h11
 
 from microenvoy.core.events import (
@@ -181,6 +183,7 @@ class Http1ServerCodec:
                     self._conn.send(
                         h11.Response(
                             status_code=status,
+                            reason=_reason(status),
                             headers=[
                                 (b"content-type", b"text/plain"),
                                 (b"content-length", str(len(body)).encode()),
@@ -224,7 +227,9 @@ class Http1ServerCodec:
         # h11 picks chunked framing for an HTTP/1.1 peer when no length is known.
         self._chunked = not has_length and not end_stream and self._conn.their_http_version == b"1.1"
         try:
-            self._out.append(self._conn.send(h11.Response(status_code=status, headers=items)))
+            self._out.append(
+                self._conn.send(h11.Response(status_code=status, headers=items, reason=_reason(status)))
+            )
             if end_stream:
                 self._end()
         except h11.LocalProtocolError:
@@ -296,3 +301,12 @@ class Http1ServerCodec:
 
     def open_streams(self) -> int:
         return 1 if self._stream_id >= 1 and not self._response_done else 0
+
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase (RFC 9110 section 15), as nginx and Envoy send; empty for unknown codes.
+    Some clients (h2load --h1) treat a status line without one as a failure."""
+    return _REASONS.get(status, b"")
