@@ -634,3 +634,18 @@ def test_arbitrary_bytes_only_yield_events(data: bytes, cuts: list[int], answer:
             assert out.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ", b"HTTP/1.1 505 "))
     ids = [e.stream_id for e in events if isinstance(e, HeadersReceived)]
     assert ids == list(range(1, 2 * len(ids), 2))
+
+
+@pytest.mark.parametrize(
+    ("status", "line"),
+    [
+        (200, b"HTTP/1.1 200 OK\r\n"),
+        (503, b"HTTP/1.1 503 Service Unavailable\r\n"),
+        (599, b"HTTP/1.1 599 \r\n"),
+    ],
+)
+def test_status_line_carries_the_standard_reason_phrase(status: int, line: bytes) -> None:
+    c = Http1ServerCodec()
+    c.receive_data(GET)
+    c.send_headers(1, Headers([(b":status", str(status).encode()), (b"content-length", b"0")]), True)
+    assert c.data_to_send().startswith(line)
