@@ -67,6 +67,24 @@ class LoadBalancer(Protocol):
 _BLAKE2B_64 = blake2b(digest_size=8)
 
 
+_RING_SOFT_CAP = 64
+"""The ring stays within this many times ``minimum_ring_size`` points (65536 by default) besides
+``maximum_ring_size``: building it is Python work on the event loop at every availability change."""
+
+
+def _points(address: bytes, count: int) -> list[int]:
+    """A host's first ``count`` ring positions: eight 64-bit values from each 64-byte BLAKE2b digest of
+    ``<address>_<block>``. Nested (the first n positions do not depend on ``count``), so a host's points do
+    not move when other hosts change."""
+    out: list[int] = []
+    prefix = address + b"_"
+    for block in range((count + 7) // 8):
+        digest = blake2b(prefix + str(block).encode(), digest_size=64).digest()
+        out.extend(int.from_bytes(digest[i : i + 8], "little") for i in range(0, 64, 8))
+    del out[count:]
+    return out
+
+
 def _hash64(data: bytes) -> int:
     # Same function as microenvoy.router.hash_policy.hash64 (not imported: that module loads the config
     # package, which upstream does not need). A test checks that both agree.
@@ -316,15 +334,17 @@ class RandomLb(_Base):
 class RingHashLb(_Base):
     """Ketama-style consistent hash ring (``RING_HASH``).
 
-    Every candidate host puts its own points on the ring, point ``i`` at ``hash64("<address>_<i>")``: the
+    Every candidate host puts its own points on the ring (``_points``: BLAKE2b of its address): the
     lightest host gets ``minimum_ring_size`` points and the others proportionally more by weight, the whole
-    ring capped at ``maximum_ring_size`` (then scaled down). A key maps to the first point at or after it,
-    wrapping around: O(log ring size) per pick with ``bisect`` and no allocation.
+    ring capped at ``maximum_ring_size`` and at 64 x ``minimum_ring_size`` (then scaled down). A key maps to
+    the first point at or after it, wrapping around: O(log ring size) per pick with ``bisect`` and no
+    allocation.
 
     Unlike Envoy, which shares ``minimum_ring_size`` points among all hosts (so adding a host takes points
     away from every other host and moves more keys than the new host's share), a host's point count does not
     depend on how many other hosts there are: adding or removing one of N equal hosts moves exactly the keys
-    of that host's points, ~1/N. The price is a ring N times larger (N * 1024 points by default).
+    of that host's points, ~1/N, up to 64 equal hosts (beyond the cap, counts shrink as in Envoy). The price
+    is a ring N times larger (N * 1024 points by default).
     """
 
     __slots__ = (
@@ -366,19 +386,23 @@ class RingHashLb(_Base):
         min_weight = min(h.weight for h in hosts)
         per_host = [self.minimum_ring_size * h.weight / min_weight for h in hosts]
         total = sum(per_host)
-        if total > self.maximum_ring_size:  # scale down; floor so the cap holds (every host keeps a point)
-            per_host = [math.floor(n * self.maximum_ring_size / total) for n in per_host]
-        points: list[tuple[int, int]] = []
+        cap = min(self.maximum_ring_size, _RING_SOFT_CAP * self.minimum_ring_size)
+        if total > cap:  # scale down; floor so the cap holds (every host keeps a point)
+            per_host = [math.floor(n * cap / total) for n in per_host]
+        # One sortable int per point: the 64-bit position above the host's index, so a plain int sort
+        # orders the ring (no tuples) and the index comes back with a mask.
+        shift = max(1, len(hosts).bit_length())
+        mask = (1 << shift) - 1
+        keys: list[int] = []
         lo, hi = math.inf, 0
         for index, (h, n) in enumerate(zip(hosts, per_host, strict=True)):
-            prefix = h.address_text.encode() + b"_"
             count = max(1, round(n))
-            points.extend((_hash64(prefix + str(i).encode()), index) for i in range(count))
+            keys.extend(p << shift | index for p in _points(h.address_text.encode(), count))
             lo, hi = min(lo, count), max(hi, count)
-        points.sort()
-        self._hashes = [p for p, _ in points]
-        self._ring_hosts = [hosts[i] for _, i in points]
-        self.size = len(points)
+        keys.sort()
+        self._hashes = [k >> shift for k in keys]
+        self._ring_hosts = [hosts[k & mask] for k in keys]
+        self.size = len(keys)
         self.min_hashes_per_host, self.max_hashes_per_host = int(lo), hi
 
     def choose(self, hosts: Sequence[Host], hash_key: int | bytes | None = None) -> Host | None:
