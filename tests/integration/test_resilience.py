@@ -63,12 +63,23 @@ def res(module_agent: Any, h2_server: H2Server, unused_port: int) -> Agent:
         ),
         C.route("/slow/", "h2", route_extra={"prefix_rewrite": "/", "timeout": "0.5s"}),
         C.route("/mixed/", "mixed", route_extra={"prefix_rewrite": "/", "retry_policy": RETRY_ALL}),
+        C.route(
+            "/no-retry-slots/",
+            "no_retry_slots",
+            route_extra={"prefix_rewrite": "/", "retry_policy": RETRY_ALL},
+        ),
     ]
     config = C.bootstrap(
         [C.tcp_listener("tcp", C.hcm("res", routes))],
         [
             C.cluster("h2", h2_server.port, http2=True),
             C.cluster("mixed", [unused_port, h2_server.port], http2=True, connect_timeout="0.5s"),
+            C.cluster(
+                "no_retry_slots",
+                h2_server.port,
+                http2=True,
+                circuit_breakers=C.circuit_breakers(max_retries=0),
+            ),
         ],
     )
     return module_agent(config, name="res")
@@ -108,6 +119,16 @@ def test_retries_exhausted_pass_failure_through(res: Agent, h2_server: H2Server)
     assert r.status == 503
     assert h2_server.count(path) == 4  # the first try and num_retries=3
     res.wait_stat("cluster.h2.upstream_rq_retry_limit_exceeded", 1)
+
+
+def test_retry_circuit_breaker_full_passes_the_failure_through(res: Agent, h2_server: H2Server) -> None:
+    """max_retries: 0 -> the retry policy wants a retry, the breaker refuses it (counted)."""
+    key = f"cb-{uid()}"
+    r = get(res, f"/no-retry-slots/fail/1/{key}")
+    assert r.status == 503
+    assert h2_server.count(f"/fail/1/{key}") == 1
+    assert res.wait_stat("cluster.no_retry_slots.upstream_rq_retry_overflow", 1) >= 1
+    assert res.stat("cluster.no_retry_slots.upstream_rq_retry") == 0
 
 
 def test_no_retry_policy_no_retry(res: Agent, h2_server: H2Server) -> None:
