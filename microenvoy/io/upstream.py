@@ -329,13 +329,14 @@ class UpstreamStream:
         self._response_ended = True
         self._finish(success=self._status < 500)
 
-    def _fail(self, error: UpstreamError) -> None:
-        """The stream died (reset, connection lost): wake the reader with ``error``."""
+    def _fail(self, error: UpstreamError, *, by_caller: bool = False) -> None:
+        """The stream died (reset, connection lost): wake the reader with ``error``. Only a failure the
+        upstream caused (not the caller's own reset) counts against the host in outlier detection."""
         if self._response_ended or self._error is not None:
             return
         self._error = error
         self._finish(success=False)
-        if error.kind in ("reset", "protocol-error"):
+        if not by_caller and error.kind in ("reset", "protocol-error"):
             self._cluster._report_local(self.host, "connect_failed")  # as Envoy's router reports resets
         self._wake()
 
@@ -429,7 +430,7 @@ class _H1Stream(UpstreamStream):
             return  # already released to the pool (complete) or already reset
         if not self._done:
             self._cluster._stats.rq_tx_reset.inc()
-        self._fail(UpstreamError("reset", "reset by the caller"))
+        self._fail(UpstreamError("reset", "reset by the caller"), by_caller=True)
         self._request_ended = True
         conn.stream = None
         conn.close(local=True)
@@ -547,7 +548,7 @@ class _H2Stream(UpstreamStream):
         self._reset_sent = True
         if not self._done:
             self._cluster._stats.rq_tx_reset.inc()
-        self._fail(UpstreamError("reset", "reset by the caller"))
+        self._fail(UpstreamError("reset", "reset by the caller"), by_caller=True)
         conn = self._conn
         conn.codec.reset_stream(self.stream_id, CANCEL)
         self._release_credit()

@@ -39,6 +39,7 @@ from microenvoy.config.model import (
     TlsCertificate,
     UpstreamTlsContext,
 )
+from microenvoy.config.outlier import OutlierDetection
 from microenvoy.core.headers import Headers
 from microenvoy.io import tls
 from microenvoy.io.upstream import ClusterManager, UpstreamCluster, UpstreamError, UpstreamStream
@@ -1154,3 +1155,22 @@ async def test_immediate_health_check_fail_header_on_traffic_fails_the_host(
         assert stat(store, "cluster.p.health_check.passive_failure") == 1
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------- outlier detection inputs
+async def test_upstream_reset_counts_against_the_host_but_our_own_reset_does_not(
+    h2server: Any, manager: Any
+) -> None:
+    srv = await h2server()
+    od = OutlierDetection(consecutive_5xx=1, interval=60.0)
+    cm = manager(cluster("od", srv.port, http2=True, outlier_detection=od))
+    await cm.start()
+    cl = cm.get("od")
+    (host,) = cl.hosts
+    s = await cl.open_stream(host, request("/hold"), end_stream=True)
+    await wait_until(lambda: len(srv.held) == 1, what="held")
+    s.reset()  # the caller gives up (timeout, client gone): not the host's fault
+    assert not host.ejected
+    with pytest.raises(UpstreamError):
+        await fetch(cl, "/reset")  # the upstream resets the stream: a gateway failure
+    assert host.ejected
