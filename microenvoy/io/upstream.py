@@ -1829,15 +1829,15 @@ class ClusterManager:
                 del self._warming[c.name]
                 warming.close()
             fresh = self._make(c)
-            if self._started and c.type == "STRICT_DNS":
-                self._start_dns(fresh)
-            if self._started and not fresh.start().done():
-                # Warming: the serving cluster (if any) keeps serving until the new one's first
-                # health-check round is over; a brand-new name is unknown to routes until then (503 NC).
+            dns_first = self._start_dns(fresh) if self._started and c.type == "STRICT_DNS" else None
+            if self._started and (dns_first is not None or not fresh.start().done()):
+                # Warming: the serving cluster (if any) keeps serving until the new one has its hosts
+                # (first DNS round) and their first health-check round is over; a brand-new name is
+                # unknown to routes until then (503 NC), as in Envoy.
                 self._warming[c.name] = fresh
                 if current is not None:
                     new[c.name] = current
-                warm = asyncio.get_running_loop().create_task(self._warm(fresh))
+                warm = asyncio.get_running_loop().create_task(self._warm(fresh, dns_first))
                 self._warm_tasks.add(warm)
                 warm.add_done_callback(self._warm_tasks.discard)
             else:
@@ -1852,10 +1852,14 @@ class ClusterManager:
         self._clusters = new
         self._draining = [c for c in self._draining if c.connection_count]
 
-    async def _warm(self, cluster: UpstreamCluster) -> None:
-        assert cluster.warmed is not None
+    async def _warm(self, cluster: UpstreamCluster, dns_first: asyncio.Future[None] | None) -> None:
+        if dns_first is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(dns_first), _DNS_FIRST_ROUND_TIMEOUT)
+            if cluster.draining:
+                return  # replaced or removed meanwhile
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(cluster.warmed), _WARMING_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(cluster.start()), _WARMING_TIMEOUT)
         if self._warming.get(cluster.name) is not cluster:
             return  # replaced or removed meanwhile
         del self._warming[cluster.name]

@@ -1174,3 +1174,23 @@ async def test_upstream_reset_counts_against_the_host_but_our_own_reset_does_not
     with pytest.raises(UpstreamError):
         await fetch(cl, "/reset")  # the upstream resets the stream: a gateway failure
     assert host.ejected
+
+
+async def test_changed_strict_dns_cluster_takes_over_only_with_its_hosts(
+    nginx: NginxServer, manager: Any
+) -> None:
+    cm = manager(cluster("d", nginx.port))
+    await cm.start()
+    old = cm.get("d")
+    dns = Cluster(
+        "d",
+        type="STRICT_DNS",
+        endpoints=(Endpoint(SocketAddress("localhost", nginx.port)),),
+        dns_lookup_family="V4_ONLY",
+    )
+    cm.update([dns])
+    assert cm.get("d") is old  # not resolved yet: the old one serves
+    await wait_until(lambda: cm.get("d") is not old, what="the resolved cluster to take over")
+    new = cm.get("d")
+    assert [h.address for h in new.hosts] == [("127.0.0.1", nginx.port)]
+    assert (await fetch(new, "/"))[0] == 200
