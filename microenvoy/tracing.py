@@ -40,12 +40,14 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microenvoy import __version__
-from microenvoy.config.tracing import Tracing
 from microenvoy.core.exchange import Exchange, response_flags_text
 from microenvoy.core.headers import Headers
+
+if TYPE_CHECKING:  # the config module loads only when a config has a tracing block
+    from microenvoy.config.tracing import Tracing
 
 __all__ = [
     "MAX_TRACESTATE_LENGTH",

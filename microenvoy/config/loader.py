@@ -33,13 +33,11 @@ import os
 import re
 from collections.abc import Hashable, Iterator, Mapping
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from microenvoy import extensions
-from microenvoy.config.health_check import parse_health_checks
-from microenvoy.config.lb import LbConfig, parse_cluster_lb
 from microenvoy.config.model import (
     Admin,
     AdvertiseHttp3,
@@ -67,9 +65,13 @@ from microenvoy.config.model import (
     TlsCertificate,
     UpstreamTlsContext,
 )
-from microenvoy.config.outlier import parse_outlier_detection
 from microenvoy.config.reader import Reader
 from microenvoy.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from microenvoy.config.health_check import HealthCheck
+    from microenvoy.config.lb import LbConfig
+    from microenvoy.config.outlier import OutlierDetection
 
 __all__ = [
     "TYPE_PREFIX",
@@ -103,6 +105,7 @@ TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 TLS_INSPECTOR_TYPE = TYPE_PREFIX + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 
 _CLUSTER_TYPES = ("STATIC", "STRICT_DNS")
+_LB_KEYS = ("common_lb_config", "ring_hash_lb_config", "maglev_lb_config", "least_request_lb_config")
 _LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV")
 _DNS_FAMILIES = ("AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL")
 _TLS_VERSIONS = ("TLS_AUTO", "TLSv1_2", "TLSv1_3")
@@ -839,11 +842,24 @@ def _parse_cluster(r: Reader) -> Cluster:
                 max_requests = typed_max
     tls = r.object("transport_socket", _upstream_transport_socket)
     breakers = r.object("circuit_breakers", _parse_circuit_breakers) or ()
-    lb_config: LbConfig | None = parse_cluster_lb(r, lb_policy)
-    if lb_config == LbConfig():
-        lb_config = None  # the model's "Envoy defaults"
-    health_checks = parse_health_checks(r)
-    outlier = r.object("outlier_detection", parse_outlier_detection)
+    # Feature configs are imported only when a cluster uses them (each is a few hundred KiB resident).
+    lb_config: LbConfig | None = None
+    if any(r.has(k) for k in _LB_KEYS):
+        from microenvoy.config.lb import LbConfig, parse_cluster_lb
+
+        lb_config = parse_cluster_lb(r, lb_policy)
+        if lb_config == LbConfig():
+            lb_config = None  # the model's "Envoy defaults"
+    health_checks: tuple[HealthCheck, ...] = ()
+    if r.has("health_checks"):
+        from microenvoy.config.health_check import parse_health_checks
+
+        health_checks = parse_health_checks(r)
+    outlier: OutlierDetection | None = None
+    if r.has("outlier_detection"):
+        from microenvoy.config.outlier import parse_outlier_detection
+
+        outlier = r.object("outlier_detection", parse_outlier_detection)
     not_supported(
         r,
         "eds_cluster_config",

@@ -27,7 +27,11 @@ keeps the compiled form per policy tuple, so the per-request cost is the header 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from hashlib import blake2b
+
+try:  # the C module itself: importing hashlib would also load OpenSSL's _hashlib (~1.5 MiB resident)
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - CPython builds without _blake2
+    from hashlib import blake2b
 
 from microenvoy.config.lb import HashPolicy
 from microenvoy.core.headers import Headers

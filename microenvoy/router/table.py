@@ -31,17 +31,19 @@ from __future__ import annotations
 
 import random as _random
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microenvoy.config.model import RetryPolicy, Route, RouteConfiguration, VirtualHost
 from microenvoy.core.errors import ConfigError
 from microenvoy.core.exchange import Exchange
 from microenvoy.core.headers import Headers
-from microenvoy.router.hash_policy import HashFn, compile_hash_policies
 from microenvoy.router.headers import HeaderMutation, levels_in_order, rewrite_host, rewrite_path
 from microenvoy.router.matchers import HeadersMatcher, compile_header_matchers
 from microenvoy.router.retry import RetryState
 from microenvoy.router.weighted import WeightedClusterPicker
+
+if TYPE_CHECKING:
+    from microenvoy.router.hash_policy import HashFn
 
 __all__ = ["RouteEntry", "RouteTable", "split_host_port"]
 
@@ -103,9 +105,11 @@ class RouteEntry:
             if action is not None and action.weighted_clusters
             else None
         )
-        self.hash_key: HashFn | None = (
-            compile_hash_policies(action.hash_policy) if action is not None and action.hash_policy else None
-        )
+        self.hash_key: HashFn | None = None
+        if action is not None and action.hash_policy:
+            from microenvoy.router.hash_policy import compile_hash_policies  # only routes that hash
+
+            self.hash_key = compile_hash_policies(action.hash_policy)
         """``(request headers, source ip) -> int | None`` for hash balancers, from the route's hash_policy."""
         self.retry_policy: RetryPolicy | None = (
             action.retry_policy if action is not None and action.retry_policy else virtual_host.retry_policy

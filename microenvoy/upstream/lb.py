@@ -33,7 +33,11 @@ import random
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Sequence
-from hashlib import blake2b
+
+try:  # the C module itself: importing hashlib would also load OpenSSL's _hashlib (~1.5 MiB resident)
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - CPython builds without _blake2
+    from hashlib import blake2b
 from typing import TYPE_CHECKING, Protocol
 
 from microenvoy.upstream.host import Host
@@ -550,6 +554,15 @@ class MaglevLb(_Base):
 
 
 # ============================================================================================ factory
+_POLICIES: dict[str, type[RoundRobinLb | LeastRequestLb | RandomLb | RingHashLb | MaglevLb]] = {
+    "ROUND_ROBIN": RoundRobinLb,
+    "LEAST_REQUEST": LeastRequestLb,
+    "RANDOM": RandomLb,
+    "RING_HASH": RingHashLb,
+    "MAGLEV": MaglevLb,
+}
+
+
 def make_lb(
     policy: str, config: LbConfig | random.Random | None = None, rng: random.Random | None = None
 ) -> LoadBalancer:
@@ -559,11 +572,14 @@ def make_lb(
     For backwards compatibility a ``random.Random`` passed as ``config`` is taken as ``rng``
     (the old signature was ``make_lb(policy, rng)``); new callers pass ``rng=`` by keyword.
     """
-    from microenvoy.config.lb import LbConfig  # lazily: the config package loads YAML
-
     if isinstance(config, random.Random):
         config, rng = None, config
-    cfg = config if config is not None else LbConfig()
+    if config is None:  # every balancer's constructor defaults are Envoy's (no config module import)
+        cls = _POLICIES.get(policy)
+        if cls is None:
+            raise ValueError(f"unsupported lb_policy {policy!r}")
+        return cls(rng)
+    cfg = config
     panic = cfg.healthy_panic_threshold
     if policy == "ROUND_ROBIN":
         return RoundRobinLb(rng, panic_threshold=panic)

@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 from microenvoy import extensions
-from microenvoy.config.lb import parse_hash_policies
 from microenvoy.config.loader import (
     TYPE_PREFIX,
     not_supported,
@@ -50,7 +49,6 @@ from microenvoy.config.model import (
     WeightedCluster,
 )
 from microenvoy.config.reader import Reader
-from microenvoy.config.tracing import parse_tracing
 from microenvoy.core.errors import ConfigError
 
 __all__ = [
@@ -134,7 +132,11 @@ def parse_config(r: Reader) -> HttpConnectionManager:
     max_kb = r.integer("max_request_headers_kb", d.max_request_headers_kb, min=1, max=96)
     h2 = r.object("http2_protocol_options", parse_http2_options) or Http2Options()
     r.object("http3_protocol_options", lambda _: None)  # accepted for Envoy configs; no options yet ({})
-    tracing = r.object("tracing", parse_tracing)
+    tracing = None
+    if r.has("tracing"):
+        from microenvoy.config.tracing import parse_tracing  # only configs that trace load it
+
+        tracing = r.object("tracing", parse_tracing)
     not_supported(
         r,
         "upgrade_configs",
@@ -525,8 +527,16 @@ def _parse_route_action(r: Reader) -> RouteAction:
         retry_policy=r.object("retry_policy", _parse_retry_policy),
         max_request_bytes=r.integer("max_request_bytes", None, min=0),
         max_grpc_timeout=r.duration("max_grpc_timeout", None),
-        hash_policy=parse_hash_policies(r),
+        hash_policy=_hash_policies(r),
     )
+
+
+def _hash_policies(r: Reader) -> tuple[Any, ...]:
+    if not r.has("hash_policy"):
+        return ()
+    from microenvoy.config.lb import parse_hash_policies  # only routes that hash load it
+
+    return parse_hash_policies(r)
 
 
 def _parse_weighted_cluster(r: Reader) -> WeightedCluster:
