@@ -21,7 +21,8 @@ measures their cost, not their spread (tests/integration/test_cluster_resilience
 With ``--rounds N`` the targets are measured N times, interleaved; the table shows each target's median
 round by CPU per request (the machine is noisy; CPU per request moves less than req/s).
 
-Every child is killed when the script exits (also on Ctrl-C). Process helpers come from ``failover.py``.
+Every child is killed when the script exits (also on Ctrl-C). Process helpers come from ``procs.py``, the
+agent and nginx proxy configs from ``failover.py``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from failover import Procs, admin_get, free_port, microenvoy_config, nginx_proxy_config, proc_cpu_seconds  # noqa: E402
+from failover import microenvoy_config, new_procs, nginx_proxy_config, start_http_agent  # noqa: E402
+from procs import Procs, admin_get, free_port, proc_cpu_seconds  # noqa: E402
 
 __all__ = ["main", "measure_target", "run_h2load"]
 
@@ -110,7 +112,7 @@ def measure_target(
             if policy in HASHED:
                 route_extra["hash_policy"] = [{"header": {"header_name": "x-user"}}]
             config = microenvoy_config(backend_ports, lb_policy=policy, route_extra=route_extra)
-        pid, admin, port = procs.start_microenvoy(config, args.agent_log_level)
+        pid, admin, port = start_http_agent(procs, config, args.agent_log_level)
         proc_name = "microenvoy"
     url = f"http://127.0.0.1:{port}/"
     proto = ["--h1"] if args.h1 else ["-m", "1"]  # h2c prior knowledge, one stream in flight per connection
@@ -189,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets.insert(0, "microenvoy 1 host")
     if not args.no_nginx:
         targets.append("nginx round robin")
-    procs = Procs(keep_tmp=args.keep_tmp)
+    procs = new_procs(args.keep_tmp)
     rows = []
     try:
         ports = [free_port() for _ in range(3)]

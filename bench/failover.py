@@ -21,26 +21,18 @@ run, and p99/max/request count in the window [kill, kill + ``--window``] (2 s by
 retry and ejection counters are read from the admin ``/stats``.
 
 Every child is killed when the script exits (also on Ctrl-C, and through PR_SET_PDEATHSIG if it is killed).
-``bench/cluster_path.py`` imports the process helpers from here.
+Process helpers come from ``bench/procs.py``; ``bench/cluster_path.py`` imports the configs from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import json
 import math
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,185 +40,57 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from procs import (  # noqa: E402
+    Procs,
+    admin_get,
+    agent_config,
+    agent_hcm,
+    free_port,
+    listener_ports,
+    proc_cpu_seconds,
+    wait_for,
+)
+
 UPSTREAM_SCRIPT = ROOT / "tests" / "integration" / "peers" / "counting_upstream.py"
 
 __all__ = [
     "LoadResult",
-    "Procs",
-    "free_port",
+    "admin_stats",
     "main",
     "microenvoy_config",
+    "new_procs",
     "nginx_proxy_config",
     "percentile",
-    "proc_cpu_seconds",
     "run_h1_load",
+    "start_http_agent",
+    "start_upstream",
 ]
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_T = "type.googleapis.com/envoy.extensions."
 
 
 # ================================================================================================ processes
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when this script dies (Linux prctl PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+def new_procs(keep_tmp: bool) -> Procs:
+    """The registry for one run of this script or ``cluster_path.py``."""
+    return Procs(prefix="microenvoy-cluster-bench-", keep_tmp=keep_tmp)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 a moment ago (for nginx, which cannot bind port 0 and report it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start_upstream(procs: Procs, ident: str) -> int:
+    """A counting upstream ``ident`` on a free port; returns the port."""
+    port_file = procs.tmp / f"upstream-{ident}.port"
+    port_file.unlink(missing_ok=True)
+    cmd = [sys.executable, str(UPSTREAM_SCRIPT), "--id", ident, "--port-file", str(port_file)]
+    proc = procs.spawn(f"upstream-{ident}", cmd)
+    wait_for(port_file.exists, 15, f"upstream {ident}", proc)
+    return int(port_file.read_text())
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads), from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout} s")
-        if proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)  # a bounded poll interval that also notices an early exit
-        else:
-            time.sleep(0.05)  # a bounded poll interval
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-@dataclass
-class Procs:
-    """The benchmark's child processes and temp dir; ``close()`` stops them all."""
-
-    keep_tmp: bool = False
-    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="microenvoy-cluster-bench-")))
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        return f"<Procs tmp={self.tmp} running={sorted(self.procs)}>"
-
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "ab")  # the child owns it
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd=self.tmp, preexec_fn=_die_with_parent)  # fmt: skip
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-    def kill(self, name: str) -> None:
-        """SIGKILL (the failover event); the process stays registered until ``stop``."""
-        proc = self.procs[name]
-        if proc.poll() is None:
-            proc.kill()
-
-    def close(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.stop(name)
-        if not self.keep_tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        try:
-            text = (self.tmp / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    # -- peers ------------------------------------------------------------------------------------
-    def start_upstream(self, ident: str) -> int:
-        """A counting upstream ``ident`` on a free port; returns the port."""
-        port_file = self.tmp / f"upstream-{ident}.port"
-        port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, str(UPSTREAM_SCRIPT), "--id", ident, "--port-file", str(port_file)]
-        proc = self.spawn(f"upstream-{ident}", cmd)
-        _wait(port_file.exists, 15, f"upstream {ident}", proc)
-        return int(port_file.read_text())
-
-    def start_nginx(self, name: str, conf_body: str, ports: Sequence[int]) -> int:
-        """nginx (one process) with ``conf_body`` inside ``http {}``; waits until every port listens."""
-        r = self.tmp / name
-        for sub in ("logs", "tmp"):
-            (r / sub).mkdir(parents=True, exist_ok=True)
-        conf = r / "nginx.conf"
-        conf.write_text(f"""
-pid {r}/nginx.pid;
-error_log {r}/logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {r}/tmp/body;
-    proxy_temp_path {r}/tmp/proxy;
-    fastcgi_temp_path {r}/tmp/fastcgi;
-    uwsgi_temp_path {r}/tmp/uwsgi;
-    scgi_temp_path {r}/tmp/scgi;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-{conf_body}
-}}
-""")
-        exe = shutil.which("nginx") or "/usr/sbin/nginx"
-        proc = self.spawn(name, [exe, "-p", str(r), "-c", str(conf), "-e", str(r / "logs/error.log"),
-                                 "-g", "daemon off; master_process off;"])  # fmt: skip
-        _wait(lambda: all(_listening(p) for p in ports), 10, name, proc)
-        return proc.pid
-
-    def start_microenvoy(self, config: dict[str, Any], log_level: str = "warning") -> tuple[int, str, int]:
-        """The agent on ``config`` (JSON); returns (pid, admin address, port of listener ``http``)."""
-        conf = self.tmp / "microenvoy.json"
-        conf.write_text(json.dumps(config, indent=2))
-        addr_file = self.tmp / "microenvoy.admin"
-        addr_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "microenvoy", "run", "-c", str(conf), "--admin-address-path",
-               str(addr_file), "--log-level", log_level]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        proc = self.spawn("microenvoy", cmd, env=env)
-        _wait(lambda: addr_file.exists() and addr_file.stat().st_size > 0, 20, "microenvoy admin", proc)
-        admin = addr_file.read_text().strip()
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://{admin}/ready", timeout=2) as resp:
-                    return bool(resp.status == 200)
-            except OSError:
-                return False
-
-        _wait(ready, 20, "microenvoy /ready", proc)
-        doc = json.loads(admin_get(admin, "/listeners?format=json"))
-        ports = {
-            s["name"]: s["local_address"]["socket_address"]["port_value"] for s in doc["listener_statuses"]
-        }
-        return proc.pid, admin, int(ports["http"])
-
-
-def admin_get(admin: str, path: str) -> str:
-    with urllib.request.urlopen(f"http://{admin}{path}", timeout=5) as resp:
-        return str(resp.read().decode())
+def start_http_agent(
+    procs: Procs, config: dict[str, Any], log_level: str = "warning"
+) -> tuple[int, str, int]:
+    """The agent on ``config``, ready; returns (pid, admin address, port of listener ``http``)."""
+    proc, admin = procs.start_agent(config, log_level, wait_ready=True)
+    return proc.pid, admin, listener_ports(admin)["http"]
 
 
 def admin_stats(admin: str, prefix: str) -> dict[str, int]:
@@ -243,59 +107,13 @@ def microenvoy_config(
     cluster_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Agent config: HTTP/1.1 + h2c listener ``http`` -> route ``/`` -> cluster ``svc`` (HTTP/1.1)."""
-    hcm = {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": _T + "filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "bench",
-            "codec_type": "AUTO",
-            "route_config": {
-                "name": "bench",
-                "virtual_hosts": [
-                    {
-                        "name": "bench",
-                        "domains": ["*"],
-                        "routes": [
-                            {"match": {"prefix": "/"}, "route": {"cluster": "svc", **(route_extra or {})}}
-                        ],
-                    }
-                ],
-            },
-            "http_filters": [
-                {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": _T + "filters.http.router.v3.Router"},
-                }
-            ],
-        },
+    hcm = agent_hcm(stat_prefix="bench", codec_type="AUTO", route={"cluster": "svc", **(route_extra or {})})
+    listener = {
+        "name": "http",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [{"filters": [hcm]}],
     }
-    endpoints = [
-        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
-        for p in upstream_ports
-    ]
-    return {
-        "node": {"id": "bench", "cluster": "bench"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "http",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                    "filter_chains": [{"filters": [hcm]}],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "svc",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "lb_policy": lb_policy,
-                    "load_assignment": {"cluster_name": "svc", "endpoints": [{"lb_endpoints": endpoints}]},
-                    **(cluster_extra or {}),
-                }
-            ],
-        },
-    }
+    return agent_config(listener, "svc", upstream_ports, lb_policy=lb_policy, **(cluster_extra or {}))
 
 
 FAILOVER_ROUTE = {
@@ -460,13 +278,13 @@ async def run_h1_load(
 
 # ================================================================================================ failover
 def run_failover(target: str, args: argparse.Namespace) -> dict[str, Any]:
-    procs = Procs(keep_tmp=args.keep_tmp)
+    procs = new_procs(args.keep_tmp)
     try:
-        ups = [procs.start_upstream(i) for i in ("a", "b", "c")]
+        ups = [start_upstream(procs, i) for i in ("a", "b", "c")]
         admin = ""
         if target == "microenvoy":
             config = microenvoy_config(ups, route_extra=FAILOVER_ROUTE, cluster_extra=FAILOVER_CLUSTER)
-            pid, admin, port = procs.start_microenvoy(config, args.agent_log_level)
+            pid, admin, port = start_http_agent(procs, config, args.agent_log_level)
         else:
             port = free_port()
             pid = procs.start_nginx("nginx", nginx_proxy_config(port, ups), [port])

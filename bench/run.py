@@ -24,20 +24,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,6 +43,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 import h3load  # noqa: E402
+from procs import Procs, agent_config, agent_hcm, die_with_parent, free_port, listener_ports, wait_for  # noqa: E402
 
 from microenvoy.demo import self_signed_certificate  # noqa: E402
 
@@ -63,128 +59,27 @@ LABELS = {
 }
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when this script dies (Linux prctl PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+class Bench(Procs):
+    """One benchmark run: a temp dir, the child processes (``Procs``), the results."""
 
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 for both TCP and UDP a moment ago."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
-    """Poll ``cond`` until true; fail early if ``proc`` exits, or after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout} s")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.05)
-
-
-@dataclass
-class Bench:
-    """One benchmark run: a temp dir, the child processes, the results."""
-
-    args: argparse.Namespace
-    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="microenvoy-bench-")))
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    nginx_port: int = 0
-    cert: str = ""
-    key: str = ""
-
-    def __repr__(self) -> str:
-        return f"<Bench tmp={self.tmp} running={sorted(self.procs)}>"
-
-    # -- processes --------------------------------------------------------------------------------
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "wb")  # the child owns it
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd=self.tmp, preexec_fn=_die_with_parent)  # fmt: skip
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-
-    def close(self) -> None:
-        for name in reversed(list(self.procs)):  # the load first, nginx last
-            self.stop(name)
-        if not self.args.keep_tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        try:
-            text = (self.tmp / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(prefix="microenvoy-bench-", keep_tmp=args.keep_tmp, append_logs=False)
+        self.args = args
+        self.nginx_port = 0
+        self.cert = ""
+        self.key = ""
 
     # -- nginx ------------------------------------------------------------------------------------
-    def start_nginx(self) -> int:
-        r = self.tmp / "nginx"
-        for sub in ("logs", "tmp"):
-            (r / sub).mkdir(parents=True, exist_ok=True)
-        self.nginx_port = free_port()
+    def start_nginx_h2c(self) -> int:
+        """nginx answering ``return 200`` with ``BODY`` on an h2c listener (``nginx_port``); its pid."""
+        self.nginx_port = free_port(udp=True)
         body = BODY.decode().replace("\n", "\\n")
-        conf = r / "nginx.conf"
-        conf.write_text(f"""
-pid {r}/nginx.pid;
-error_log {r}/logs/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {r}/tmp/body;
-    proxy_temp_path {r}/tmp/proxy;
-    fastcgi_temp_path {r}/tmp/fastcgi;
-    uwsgi_temp_path {r}/tmp/uwsgi;
-    scgi_temp_path {r}/tmp/scgi;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    client_max_body_size 64m;
+        server = f"""    client_max_body_size 64m;
     server {{
         listen 127.0.0.1:{self.nginx_port} http2;
         location / {{ default_type text/plain; return 200 "{body}"; }}
-    }}
-}}
-""")
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        proc = self.spawn("nginx", [nginx, "-p", str(r), "-c", str(conf), "-e", str(r / "logs/error.log"),
-                                    "-g", "daemon off; master_process off;"])  # fmt: skip
-
-        def listening() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.nginx_port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(listening, 10, "nginx", proc)
-        return proc.pid
+    }}"""
+        return self.start_nginx("nginx", server, [self.nginx_port], worker_connections=1024)
 
     # -- targets ----------------------------------------------------------------------------------
     def start_bare(self) -> tuple[int, int]:
@@ -204,106 +99,43 @@ http {{
                 ]
             }
         }
-        hcm = {
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-                ".HttpConnectionManager",
-                "stat_prefix": "bench_h3",
-                "codec_type": "HTTP3",
-                "route_config": {
-                    "name": "bench",
-                    "virtual_hosts": [
-                        {
-                            "name": "bench",
-                            "domains": ["*"],
-                            "routes": [
-                                {"match": {"prefix": "/"}, "route": {"cluster": "nginx", "timeout": "15s"}}
-                            ],
-                        }
-                    ],
-                },
-                "http_filters": [
-                    {
-                        "name": "envoy.filters.http.router",
+        hcm = agent_hcm(
+            stat_prefix="bench_h3", codec_type="HTTP3", route={"cluster": "nginx", "timeout": "15s"}
+        )
+        listener = {
+            "name": "h3",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0, "protocol": "UDP"}},
+            "udp_listener_config": {"quic_options": {}},
+            "filter_chains": [
+                {
+                    "filters": [hcm],
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.quic",
                         "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                            "@type": _T + "transport_sockets.quic.v3.QuicDownstreamTransport",
+                            "downstream_tls_context": tls,
                         },
-                    }
-                ],
-            },
+                    },
+                }
+            ],
         }
-        endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.nginx_port}}}
-        return {
-            "node": {"id": "bench", "cluster": "bench"},
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-            "static_resources": {
-                "listeners": [
-                    {
-                        "name": "h3",
-                        "address": {
-                            "socket_address": {"address": "127.0.0.1", "port_value": 0, "protocol": "UDP"}
-                        },
-                        "udp_listener_config": {"quic_options": {}},
-                        "filter_chains": [
-                            {
-                                "filters": [hcm],
-                                "transport_socket": {
-                                    "name": "envoy.transport_sockets.quic",
-                                    "typed_config": {
-                                        "@type": _T + "transport_sockets.quic.v3.QuicDownstreamTransport",
-                                        "downstream_tls_context": tls,
-                                    },
-                                },
-                            }
-                        ],
-                    }
-                ],
-                "clusters": [
-                    {
-                        "name": "nginx",
-                        "type": "STATIC",
-                        "connect_timeout": "1s",
-                        "lb_policy": "ROUND_ROBIN",
-                        "typed_extension_protocol_options": {
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                                "@type": _T + "upstreams.http.v3.HttpProtocolOptions",
-                                "explicit_http_config": {"http2_protocol_options": {}},
-                            }
-                        },
-                        "load_assignment": {
-                            "cluster_name": "nginx",
-                            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
-                        },
-                    }
-                ],
-            },
+        h2 = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
         }
+        return agent_config(listener, "nginx", [self.nginx_port], typed_extension_protocol_options=h2)
 
     def start_microenvoy(self) -> tuple[int, int]:
-        conf = self.tmp / "microenvoy.json"
-        conf.write_text(json.dumps(self.microenvoy_config(), indent=2))
-        addr_file = self.tmp / "microenvoy.admin"
-        addr_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "microenvoy", "run", "-c", str(conf), "--admin-address-path",
-               str(addr_file), "--log-level", self.args.agent_log_level]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        proc = self.spawn("microenvoy", cmd, env=env)
-        wait_for(lambda: addr_file.exists() and addr_file.stat().st_size > 0, 20, "microenvoy admin", proc)
-        admin = addr_file.read_text().strip()
-        with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=5) as resp:
-            doc = json.load(resp)
-        ports = {
-            s["name"]: s["local_address"]["socket_address"]["port_value"] for s in doc["listener_statuses"]
-        }
-        return proc.pid, int(ports["h3"])
+        proc, admin = self.start_agent(self.microenvoy_config(), self.args.agent_log_level)
+        return proc.pid, listener_ports(admin)["h3"]
 
     def start_caddy(self) -> tuple[int, int]:
         caddy = shutil.which("caddy")
         if caddy is None:
             raise RuntimeError("caddy is not installed")
-        port = free_port()
+        port = free_port(udp=True)
         home = self.tmp / "caddy-home"
         home.mkdir(exist_ok=True)
         caddyfile = self.tmp / "Caddyfile"
@@ -367,12 +199,12 @@ https://127.0.0.1:{port} {{
             spy_cmd = [a.py_spy_bin, "record", "-p", str(server_pid), "-r", "250", "--nonblocking",
                        "-d", seconds, "-f", "raw", "-o", f"{a.py_spy}.{name}.txt"]  # fmt: skip
             spy = self.procs["py-spy"] = subprocess.Popen(
-                spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
             )
         # Registered in self.procs: on Ctrl-C or an error, close() terminates it (h3load then kills its
         # workers, which also die with it through PR_SET_PDEATHSIG).
         load = self.procs["h3load"] = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=die_with_parent
         )
         stdout, stderr = load.communicate(timeout=a.warmup + a.duration + 120)
         self.procs.pop("h3load")
@@ -560,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.cert, bench.key = self_signed_certificate(str(bench.tmp))
         if {"microenvoy", "caddy"} & set(targets):
-            print(f"  nginx: pid {bench.start_nginx()}, h2c port {bench.nginx_port}", flush=True)
+            print(f"  nginx: pid {bench.start_nginx_h2c()}, h2c port {bench.nginx_port}", flush=True)
         for rnd in range(args.rounds):
             if args.rounds > 1:
                 print(f"round {rnd + 1}/{args.rounds}", flush=True)
