@@ -15,7 +15,7 @@ import hashlib
 import importlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from types import ModuleType
@@ -179,16 +179,11 @@ class GrpcEchoServer:
             self.last_metadata[method] = tuple((k, v) for k, v in md)
 
     def start(self) -> GrpcEchoServer:
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="grpc-echo"),
-            options=[("grpc.so_reuseport", 0)],
+        self._server, self.port = start_grpc_server(
+            lambda server: self.pb2_grpc.add_EchoServicer_to_server(_EchoServicer(self), server),
+            workers=self._max_workers,
+            name="grpc-echo",
         )
-        self.pb2_grpc.add_EchoServicer_to_server(_EchoServicer(self), server)
-        self.port = server.add_insecure_port("127.0.0.1:0")
-        if not self.port:
-            raise RuntimeError("grpc server could not bind 127.0.0.1:0")
-        server.start()
-        self._server = server
         return self
 
     def stop(self) -> None:
@@ -211,3 +206,19 @@ class GrpcEchoServer:
 
     def __repr__(self) -> str:
         return f"<GrpcEchoServer port={self.port} calls={dict(self.calls)}>"
+
+
+def start_grpc_server(
+    register: Callable[[grpc.Server], object], *, workers: int, name: str
+) -> tuple[grpc.Server, int]:
+    """A started grpcio server on 127.0.0.1, port 0 (read back), with ``register`` adding its services."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name),
+        options=[("grpc.so_reuseport", 0)],
+    )
+    register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    if not port:
+        raise RuntimeError("grpc server could not bind 127.0.0.1:0")
+    server.start()
+    return server, port

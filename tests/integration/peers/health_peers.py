@@ -19,7 +19,6 @@ import contextlib
 import ssl
 import threading
 import time
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -28,6 +27,8 @@ import h2.connection
 import h2.events
 import h11
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from .grpc_server import start_grpc_server
 
 __all__ = ["SERVING_STATUS", "FlipHttpServer", "GrpcHealthServer", "PingPongServer", "health_messages"]
 
@@ -208,16 +209,9 @@ class GrpcHealthServer:
                 )
             },
         )
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc-health"),
-            options=[("grpc.so_reuseport", 0)],
+        self._server, self.port = start_grpc_server(
+            lambda server: server.add_generic_rpc_handlers((handler,)), workers=4, name="grpc-health"
         )
-        server.add_generic_rpc_handlers((handler,))
-        self.port = server.add_insecure_port("127.0.0.1:0")
-        if not self.port:
-            raise RuntimeError("grpc server could not bind 127.0.0.1:0")
-        server.start()
-        self._server = server
         return self
 
     def stop(self) -> None:
