@@ -31,7 +31,7 @@ from microenvoy.admin import logging as admin_logging
 from microenvoy.admin.stats import Store
 from microenvoy.config.dump import redact
 from microenvoy.config.loader import load_bootstrap
-from microenvoy.config.model import Bootstrap, FilterChain, HttpConnectionManager, Listener
+from microenvoy.config.model import AccessLog, Bootstrap, FilterChain, HttpConnectionManager, Listener
 from microenvoy.core.errors import ConfigError
 from microenvoy.filters.http.health_check import HealthState
 from microenvoy.io.access_log import AccessLogger
@@ -89,7 +89,9 @@ class Server:
         self.clusters = ClusterManager(bootstrap.static_resources.clusters, self.stats, random=self.random)
         self._lst: dict[str, TcpListener | QuicListener] = {}
         self._listener_configs: dict[str, Listener] = {}
-        self._access_loggers: list[AccessLogger] = []
+        self._access_loggers: dict[AccessLog, AccessLogger] = {}
+        """One logger (one open file) per distinct access_log config, shared by fronts and kept across
+        reloads, so reloading never leaks file handles."""
         self._exporters: dict[Tracing, SpanExporter | None] = {}
         """One span exporter per distinct tracing config, kept across reloads that keep the config."""
         self.admin: AdminServer | None = None
@@ -161,7 +163,7 @@ class Server:
                 await asyncio.sleep(0.05)
         for lst in self._lst.values():
             lst.close_all()
-        for al in self._access_loggers:
+        for al in self._access_loggers.values():
             await al.aclose()
         for exporter in self._exporters.values():
             if exporter is not None:
@@ -189,8 +191,7 @@ class Server:
             for j, chain in enumerate(lc.filter_chains):
                 try:
                     hcm = _hcm(chain)
-                    loggers = tuple(AccessLogger(a, self.stats) for a in hcm.access_log)
-                    self._access_loggers.extend(loggers)
+                    loggers = tuple(self._access_logger(a) for a in hcm.access_log)
                     if lc.quic_options is not None and chain.transport_socket is not None:
                         from microenvoy.io.quic_front import quic_configuration
 
@@ -216,6 +217,12 @@ class Server:
         if errors:
             raise ConfigError(errors)
         return fronts
+
+    def _access_logger(self, config: AccessLog) -> AccessLogger:
+        logger = self._access_loggers.get(config)
+        if logger is None:
+            logger = self._access_loggers[config] = AccessLogger(config, self.stats)
+        return logger
 
     def _exporter(self, tracing: Tracing | None) -> SpanExporter | None:
         if tracing is None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from peers import configs as C
 from peers.agent import Agent
-from peers.common import async_wait_for
+from peers.common import async_wait_for, wait_for
 from peers.h1_client import h1_request
 from peers.h2_client import H2Client
 from peers.h2_server import H2Server
@@ -287,3 +287,30 @@ def test_sigterm_drains_and_exits_cleanly(agent: Any, h2_server: H2Server) -> No
     rc = a.proc.wait(10)
     assert rc == 0
     assert time.monotonic() - start < 5.0
+
+
+def test_reloads_reuse_the_access_log_file(agent: Any, h2_server: H2Server, tmp_path: Any) -> None:
+    """Reloading with the same access_log keeps one logger and one open file, however many reloads."""
+    log = tmp_path / "access.log"
+
+    def config(with_new_route: bool) -> dict[str, Any]:
+        doc = _reload_config(h2_server, with_new_route=with_new_route)
+        hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["access_log"] = C.file_access_log(log, {"code": "%RESPONSE_CODE%"})
+        return doc
+
+    a: Agent = agent(config(False), name="logreload")
+
+    def logged_lines() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    for i in range(3):  # a logged request (the logger opens its file), then a reload
+        assert h1_request("127.0.0.1", a.port("tcp"), "GET", "/load/x").status == 200
+        wait_for(lambda n=i: logged_lines() > n, 10, message="the access log line")
+        a.reload(config(i % 2 == 0))
+    assert a.proc is not None
+    fd_dir = f"/proc/{a.proc.pid}/fd"
+    import os
+
+    open_logs = [fd for fd in os.listdir(fd_dir) if os.path.realpath(f"{fd_dir}/{fd}") == str(log)]
+    assert len(open_logs) <= 1
