@@ -50,6 +50,10 @@ NETWORK_FILTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "microenvoy.filters.network.http_connection_manager",
         (_TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",),
     ),
+    "microenvoy.filters.network.mqtt_proxy": (
+        "microenvoy.filters.network.mqtt_proxy",
+        (_TYPE + "microenvoy.extensions.filters.network.mqtt_proxy.v1.MqttProxy",),
+    ),
 }
 
 

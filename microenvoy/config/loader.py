@@ -1065,6 +1065,11 @@ def _check_listener(
             if not isinstance(nf.config, HttpConnectionManager):
                 if udp and nf.config is not None:
                     yield f"{fp}.filters[{k}]: a QUIC listener only supports the HTTP connection manager"
+                for ri, mqtt_route in enumerate(getattr(nf.config, "routes", None) or ()):
+                    action = getattr(mqtt_route, "action", None)  # the MQTT proxy's bridge routes
+                    for name in _action_clusters(action):
+                        if name not in clusters:
+                            yield f"{hp}.routes[{ri}].route: unknown cluster {name!r}"
                 continue
             codec = nf.config.codec_type
             if udp and codec not in ("HTTP3", "AUTO"):
@@ -1090,6 +1095,13 @@ def _check_listener(
             yield f"{lp}.advertise_http3.listener: unknown listener {adv.listener!r}"
         elif target.address.protocol != "UDP" or target.quic_options is None:
             yield f"{lp}.advertise_http3.listener: {adv.listener!r} is not a UDP (QUIC) listener"
+
+
+def _action_clusters(action: Any) -> list[str]:
+    if action is None:
+        return []
+    names = [action.cluster] if action.cluster else []
+    return names + [w.name for w in action.weighted_clusters]
 
 
 def _route_cluster_refs(rc: RouteConfiguration) -> Iterator[tuple[str, str]]:

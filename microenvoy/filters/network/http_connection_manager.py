@@ -57,7 +57,12 @@ __all__ = [
     "RETRY_ON",
     "ROUTER",
     "TYPE_URLS",
+    "header_lists",
+    "implicit_router",
+    "parse_access_log",
     "parse_config",
+    "parse_http_filters",
+    "parse_route_action",
     "parse_route_configuration",
 ]
 
@@ -111,8 +116,8 @@ def parse_config(r: Reader) -> HttpConnectionManager:
         route_config = r.object("route_config", parse_route_configuration, required=True) or route_config
         if len(r.errors) == before and r.has("route_config"):
             _compile_routes(route_config, r.sub("route_config"), r.errors)
-    http_filters = _parse_http_filters(r)
-    access_log = r.objects("access_log", _parse_access_log)
+    http_filters = parse_http_filters(r)
+    access_log = r.objects("access_log", parse_access_log)
     stream_idle_timeout = r.duration("stream_idle_timeout", d.stream_idle_timeout)
     request_timeout = r.duration("request_timeout", d.request_timeout)
     idle_timeout, max_headers_count = d.idle_timeout, d.max_headers_count
@@ -190,7 +195,14 @@ def _compile_routes(rc: RouteConfiguration, path: str, errors: list[str]) -> Non
 
 
 # ============================================================================================ HTTP filters
-def _parse_http_filters(r: Reader) -> tuple[HttpFilterConfig, ...]:
+def implicit_router() -> tuple[HttpFilterConfig, ...]:
+    """The filter list of a config without ``http_filters``: just the router."""
+    module = extensions.http_filter_module(ROUTER)[1]
+    return (HttpFilterConfig(name=ROUTER, config=parse_extension_config(module, Reader({}, "", []), ROUTER)),)
+
+
+def parse_http_filters(r: Reader) -> tuple[HttpFilterConfig, ...]:
+    """``http_filters`` (an absent or empty list means just the router)."""
     raw = r.raw.get("http_filters")
     if raw is None or raw == []:
         r.ignore("http_filters")
@@ -242,7 +254,7 @@ def _parse_http_filter(r: Reader) -> HttpFilterConfig | None:
 
 
 # ============================================================================================ access logs
-def _parse_access_log(r: Reader) -> AccessLog:
+def parse_access_log(r: Reader) -> AccessLog:
     name: str = r.string("name", required=True)
     tc, type_url = typed_config_reader(r)
     not_supported(r, "filter")
@@ -330,7 +342,7 @@ def parse_route_configuration(r: Reader) -> RouteConfiguration:
                 )
             else:
                 owner[domain] = i
-    add, remove, resp_add, resp_remove = _header_lists(r)
+    add, remove, resp_add, resp_remove = header_lists(r)
     r.ignore("validate_clusters")  # accepted: clusters are always validated
     not_supported(
         r,
@@ -353,7 +365,7 @@ def parse_route_configuration(r: Reader) -> RouteConfiguration:
     )
 
 
-def _header_lists(r: Reader) -> _HeaderLists:
+def header_lists(r: Reader) -> _HeaderLists:
     return (
         r.objects("request_headers_to_add", parse_header_value_option),
         parse_header_names(r, "request_headers_to_remove"),
@@ -375,7 +387,7 @@ def _parse_virtual_host(r: Reader) -> VirtualHost:
                 f"domains[{i}]",
             )
     routes = r.objects("routes", _parse_route)
-    add, remove, resp_add, resp_remove = _header_lists(r)
+    add, remove, resp_add, resp_remove = header_lists(r)
     retry = r.object("retry_policy", _parse_retry_policy)
     not_supported(
         r,
@@ -422,12 +434,12 @@ def _parse_route(r: Reader) -> Route:
     kind = r.one_of("route", "direct_response")
     r.ignore("route", "direct_response")
     if kind == "route":
-        action = r.object("route", _parse_route_action)
+        action = r.object("route", parse_route_action)
         if action is not None and action.prefix_rewrite is not None and match.safe_regex is not None:
             r.error("cannot be used with a safe_regex match", "route.prefix_rewrite")
     elif kind == "direct_response":
         direct = r.object("direct_response", _parse_direct_response)
-    add, remove, resp_add, resp_remove = _header_lists(r)
+    add, remove, resp_add, resp_remove = header_lists(r)
     return Route(
         match=match,
         route=action,
@@ -474,7 +486,7 @@ def _parse_route_match(r: Reader) -> RouteMatch:
     )
 
 
-def _parse_route_action(r: Reader) -> RouteAction:
+def parse_route_action(r: Reader) -> RouteAction:
     not_supported(
         r,
         "cluster_header",

@@ -909,7 +909,7 @@ def test_unknown_network_filter_name() -> None:
     errors = errors_of(doc)
     assert errors == [
         L0 + ".filter_chains[0].filters[0].name: unknown extension 'envoy.filters.network.nope' (known: "
-        "envoy.filters.network.http_connection_manager)"
+        "envoy.filters.network.http_connection_manager, microenvoy.filters.network.mqtt_proxy)"
     ]
 
 
