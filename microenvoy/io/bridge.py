@@ -1,0 +1,105 @@
+"""In-process exchanges: a non-HTTP front (MQTT, CoAP) hands a request to the HTTP engine, awaits the answer.
+
+``forward`` runs a complete exchange through an ``HttpFront`` (its filters, route table, retries, timeouts,
+clusters, stats and access logs) as if it had arrived on an HTTP connection, and returns the response
+collected in memory. The response body is bounded (``max_response_bytes``): beyond it the exchange is reset
+and the result says so, so a misbehaving upstream cannot grow the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from microenvoy.core.exchange import DownstreamInfo, Exchange
+from microenvoy.core.headers import Headers
+from microenvoy.io.http_front import ActiveStream, HttpFront
+
+__all__ = ["BridgeResult", "forward"]
+
+_DEFAULT_MAX_RESPONSE = 1048576
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeResult:
+    """What came back: the status (0 when the exchange was reset before any response) and the response."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    trailers: Headers | None
+    exchange: Exchange
+    """The finished exchange (response flags, upstream host, attempts ...)."""
+    truncated: bool = False
+    """The response body went over ``max_response_bytes`` and the exchange was reset."""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class _Sink:
+    """The ``DownstreamConnection`` of one in-process exchange: collects the response."""
+
+    __slots__ = ("body", "done", "downstream", "headers", "limit", "stream", "trailers", "truncated")
+
+    def __init__(self, downstream: DownstreamInfo, limit: int) -> None:
+        self.downstream = downstream
+        self.limit = limit
+        self.headers: Headers | None = None
+        self.body = bytearray()
+        self.trailers: Headers | None = None
+        self.truncated = False
+        self.stream: ActiveStream | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
+        self.headers = headers
+
+    async def send_body(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if len(self.body) + len(data) > self.limit:
+            self.truncated = True
+            if self.stream is not None:
+                self.stream.on_reset("response_too_large")
+            return
+        self.body += data
+
+    def send_trailers(self, stream_id: int, trailers: Headers) -> None:
+        self.trailers = trailers
+
+    def reset_stream(self, stream_id: int) -> None:
+        """The engine reset the exchange (upstream reset mid-body, timeout after the headers ...)."""
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """Request bytes left the agent: nothing to credit, the body was handed over whole."""
+
+    def stream_closed(self, stream: ActiveStream) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def forward(
+    front: HttpFront,
+    downstream: DownstreamInfo,
+    headers: Headers,
+    body: bytes,
+    *,
+    max_response_bytes: int = _DEFAULT_MAX_RESPONSE,
+) -> BridgeResult:
+    """Run one exchange (request ``headers`` with pseudo-headers, whole ``body``) through ``front``."""
+    sink = _Sink(downstream, max_response_bytes)
+    stream = ActiveStream(front, sink, 1, headers, end_stream=not body)
+    sink.stream = stream
+    if body:
+        stream.on_data(body, True, 0)
+    try:
+        await asyncio.shield(sink.done)
+    except asyncio.CancelledError:
+        stream.on_reset("cancelled")
+        raise
+    h = sink.headers or Headers()
+    status_raw = h.get(b":status")
+    status = int(status_raw) if status_raw is not None and status_raw.isdigit() else 0
+    if sink.truncated:
+        status = 0
+    return BridgeResult(status, h, bytes(sink.body), sink.trailers, stream.exchange, sink.truncated)
