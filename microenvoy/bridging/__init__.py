@@ -1,0 +1,1 @@
+"""Protocol <-> exchange mappings for the non-HTTP fronts (MQTT today, CoAP next); sans-IO."""
