@@ -1,0 +1,133 @@
+"""The MQTT front's bridge: PUBLISHes that match a bridge route go through the HTTP engine to a cluster.
+
+``MqttBridge`` is built once per ``mqtt_proxy`` config (like an ``HttpFront`` per HTTP connection manager):
+the topic route table, the compiled path templates, and the ``HttpFront`` the bridge routes were turned into
+(``mqtt_proxy.http_connection_manager``). ``send(publish, ctx)`` runs one exchange and returns the MQTT 5
+reason code for the acknowledgement (``0x00`` only after a 2xx answer / gRPC OK); the listener acknowledges
+(or, for MQTT 3.1.1, closes the connection) accordingly, so a message is never acknowledged unless it was
+delivered. Message Expiry Interval caps the exchange's time; an already expired message is not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random as _random
+from dataclasses import dataclass
+
+from microenvoy.admin.stats import Counter, Scope, Store
+from microenvoy.bridging.mqtt import BridgeContext, ack_reason, request_for
+from microenvoy.codecs import grpc as grpc_codec
+from microenvoy.codecs.mqtt.packets import Publish, ReasonCode
+from microenvoy.core.exchange import DownstreamInfo
+from microenvoy.filters.network.mqtt_proxy import MqttProxy, http_connection_manager
+from microenvoy.io.bridge import BridgeResult, forward
+from microenvoy.io.http_front import HttpFront
+from microenvoy.io.upstream import ClusterManager
+from microenvoy.router.topic_routes import TopicRouteTable, compile_path_template, compile_topic_filter
+
+__all__ = ["BridgeOutcome", "MqttBridge"]
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeOutcome:
+    """What a bridged PUBLISH came to."""
+
+    reason_code: int
+    """For the PUBACK/PUBREC (v5); anything but 0x00 means: not delivered."""
+    result: BridgeResult | None
+    """The exchange (None when the message matched no route or had expired)."""
+
+
+class _Stats:
+    def __init__(self, scope: Scope) -> None:
+        c = scope.counter
+        self.requests = c("bridge_rq_total")
+        self.by_class: dict[int, Counter] = {k: c(f"bridge_rq_{k}xx") for k in range(1, 6)}
+        self.failed = c("bridge_rq_failed")
+        """No answer at all (reset, timeout, overflow answered locally count by their status)."""
+        self.expired = c("dropped_expired")
+        self.negative = c("bridge_negative_ack")
+
+
+class MqttBridge:
+    """Bridge routes of one ``mqtt_proxy`` config, run on the shared HTTP engine."""
+
+    def __init__(
+        self,
+        config: MqttProxy,
+        *,
+        clusters: ClusterManager,
+        stats: Store,
+        listener_name: str,
+        rng: _random.Random | None = None,
+        health: object = None,
+    ) -> None:
+        self.config = config
+        filters = [compile_topic_filter(r.topic_filter) for r in config.routes]
+        self.table = TopicRouteTable(filters)
+        self.pieces = [
+            None if r.grpc is not None else compile_path_template(r.path, f.names)
+            for r, f in zip(config.routes, filters, strict=True)
+        ]
+        self.front = HttpFront(
+            http_connection_manager(config), clusters=clusters, stats=stats, rng=rng, health=health
+        )
+        self.authority = (config.authority or listener_name).encode()
+        self.stats = _Stats(stats.scope(f"mqtt.{config.stat_prefix}."))
+
+    def __repr__(self) -> str:
+        return f"<MqttBridge {self.config.stat_prefix!r} routes={len(self.table)}>"
+
+    def matches(self, topic: str) -> bool:
+        return self.table.match(topic) is not None
+
+    async def send(
+        self,
+        publish: Publish,
+        ctx: BridgeContext,
+        downstream: DownstreamInfo,
+        *,
+        expires_in: float | None = None,
+    ) -> BridgeOutcome | None:
+        """Bridge ``publish`` if a route matches (None otherwise); ``expires_in``: seconds left of its
+        Message Expiry Interval (None: no expiry)."""
+        hit = self.table.match(publish.topic)
+        if hit is None:
+            return None
+        index, captures = hit
+        route = self.config.routes[index]
+        if expires_in is not None and expires_in <= 0:
+            self.stats.expired.inc()
+            return BridgeOutcome(ReasonCode.UNSPECIFIED_ERROR, None)
+        headers, body = request_for(
+            publish,
+            route_index=index,
+            path_pieces=self.pieces[index],
+            grpc_method=route.grpc.method if route.grpc is not None else None,
+            grpc_envelope=route.grpc is not None and route.grpc.encoding == "envelope",
+            default_content_type=route.content_type,
+            captures=captures,
+            ctx=ctx,
+        )
+        self.stats.requests.inc()
+        call = forward(self.front, downstream, headers, body)
+        if expires_in is None:
+            result = await call
+        else:
+            try:
+                result = await asyncio.wait_for(call, expires_in)
+            except TimeoutError:
+                self.stats.expired.inc()
+                return BridgeOutcome(ReasonCode.UNSPECIFIED_ERROR, None)
+        if result.status:
+            self.stats.by_class[min(5, max(1, result.status // 100))].inc()
+        else:
+            self.stats.failed.inc()
+        grpc_status = None
+        if route.grpc is not None:
+            raw = (result.trailers or result.headers).get(b"grpc-status")
+            grpc_status = int(raw) if raw is not None and raw.isdigit() else grpc_codec.UNKNOWN
+        reason = ack_reason(result.status, grpc_status)
+        if reason:
+            self.stats.negative.inc()
+        return BridgeOutcome(reason, result)

@@ -1,0 +1,83 @@
+"""The MQTT bridge (io/mqtt_bridge.MqttBridge) against a real h2 upstream: route match, path template,
+ack reason codes from real answers, expiry, metadata headers for filters only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from peers.h2_server import H2Server
+
+from microenvoy.admin.stats import Store
+from microenvoy.bridging.mqtt import BridgeContext
+from microenvoy.codecs.mqtt.packets import Properties, Publish
+from microenvoy.config.model import Cluster, Endpoint, RouteAction, SocketAddress
+from microenvoy.core.exchange import DownstreamInfo
+from microenvoy.filters.network.mqtt_proxy import MqttProxy, MqttRoute
+from microenvoy.io.mqtt_bridge import MqttBridge
+from microenvoy.io.upstream import ClusterManager
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+DOWN = DownstreamInfo("MQTT/5", ("127.0.0.1", 40000), ("127.0.0.1", 1883), "mqtt")
+CTX = BridgeContext(authority=b"mqtt", client_id="dev-1", principal="", tls=False, protocol_level=5)
+
+
+@pytest.fixture
+async def bridge(h2_server: H2Server) -> AsyncIterator[tuple[MqttBridge, Store]]:
+    routes = (
+        MqttRoute("status", "status/{code}", RouteAction(cluster="up", timeout=5.0), path="/status/{code}"),
+        MqttRoute("telemetry", "devices/{device}/telemetry", RouteAction(cluster="up"), path="/v1/{device}"),
+    )
+    store = Store()
+    cluster = Cluster(
+        "up", endpoints=(Endpoint(SocketAddress("127.0.0.1", h2_server.port)),), upstream_protocol="HTTP2"
+    )
+    cm = ClusterManager([cluster], store)
+    await cm.start()
+    yield MqttBridge(MqttProxy("dev", routes=routes), clusters=cm, stats=store, listener_name="mqtt"), store
+    await cm.close()
+
+
+async def test_bridged_publish_reaches_the_upstream(
+    bridge: tuple[MqttBridge, Store], h2_server: H2Server
+) -> None:
+    b, store = bridge
+    pub = Publish(
+        "devices/d7/telemetry", b"21.5", qos=1, packet_id=1, properties=Properties(content_type="text/plain")
+    )
+    out = await b.send(pub, CTX, DOWN)
+    assert out is not None
+    assert out.reason_code == 0
+    assert out.result is not None
+    echo = json.loads(out.result.body)
+    assert echo["path"] == "/v1/d7"
+    assert echo["body_length"] == 4
+    headers = dict(echo["headers"])
+    assert headers["content-type"] == "text/plain"
+    assert not any(k.startswith("x-microenvoy-") for k in headers)  # metadata stays in the agent
+    assert store.value("mqtt.dev.bridge_rq_2xx") == 1
+
+
+@pytest.mark.parametrize(("code", "reason"), [("503", 0x80), ("404", 0x90), ("403", 0x87), ("429", 0x97)])
+async def test_upstream_errors_become_negative_acks(
+    bridge: tuple[MqttBridge, Store], code: str, reason: int
+) -> None:
+    b, store = bridge
+    out = await b.send(Publish(f"status/{code}", b"x", qos=1, packet_id=2), CTX, DOWN)
+    assert out is not None
+    assert out.reason_code == reason
+    assert store.value("mqtt.dev.bridge_negative_ack") == 1
+
+
+async def test_unrouted_and_expired_messages(bridge: tuple[MqttBridge, Store], h2_server: H2Server) -> None:
+    b, store = bridge
+    assert await b.send(Publish("other/topic", b"x"), CTX, DOWN) is None
+    before = h2_server.count("/v1/late")
+    out = await b.send(Publish("devices/late/telemetry", b"x", qos=1, packet_id=3), CTX, DOWN, expires_in=0)
+    assert out is not None
+    assert out.reason_code == 0x80
+    assert out.result is None
+    assert h2_server.count("/v1/late") == before  # never sent
+    assert store.value("mqtt.dev.dropped_expired") == 1
