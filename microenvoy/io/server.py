@@ -59,6 +59,13 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _mqtt_proxy(chain: FilterChain) -> Any:
+    for f in chain.filters:
+        if f.name == "microenvoy.filters.network.mqtt_proxy":
+            return f.config
+    return None
+
+
 def _hcm(chain: FilterChain) -> HttpConnectionManager:
     for f in chain.filters:
         if f.name == HCM:
@@ -89,6 +96,8 @@ class Server:
         self.clusters = ClusterManager(bootstrap.static_resources.clusters, self.stats, random=self.random)
         self._lst: dict[str, TcpListener | QuicListener] = {}
         self._listener_configs: dict[str, Listener] = {}
+        self._brokers: dict[tuple[str, str, Any], Any] = {}
+        """Local MQTT brokers by (listener, stat_prefix, bounds): sessions survive a reload."""
         self._access_loggers: dict[AccessLog, AccessLogger] = {}
         """One logger (one open file) per distinct access_log config, shared by fronts and kept across
         reloads, so reloading never leaks file handles."""
@@ -190,6 +199,12 @@ class Server:
             chains: list[FilterChainRuntime] = []
             for j, chain in enumerate(lc.filter_chains):
                 try:
+                    mqtt = _mqtt_proxy(chain)
+                    if mqtt is not None:
+                        if lc.address.protocol == "UDP":
+                            raise ConfigError(["filters: an MQTT listener needs a TCP address"])
+                        chains.append(self._mqtt_chain(lc, chain, mqtt))
+                        continue
                     hcm = _hcm(chain)
                     loggers = tuple(self._access_logger(a) for a in hcm.access_log)
                     if lc.quic_options is not None and chain.transport_socket is not None:
@@ -217,6 +232,25 @@ class Server:
         if errors:
             raise ConfigError(errors)
         return fronts
+
+    def _mqtt_chain(self, lc: Listener, chain: FilterChain, config: Any) -> FilterChainRuntime:
+        from microenvoy.io.mqtt_front import MqttFront, broker_limits  # only agents with MQTT load it
+        from microenvoy.io.tls import server_context
+
+        # The broker (sessions, subscriptions, retained messages) outlives reloads while its bounds stay.
+        key = (lc.name, config.stat_prefix, broker_limits(config))
+        front = MqttFront(
+            config,
+            clusters=self.clusters,
+            stats=self.stats,
+            listener_name=lc.name,
+            broker=self._brokers.get(key),
+            rng=self.random,
+            health=self.health,
+        )
+        self._brokers[key] = front.broker
+        tls = server_context(chain.transport_socket, ["mqtt"]) if chain.transport_socket is not None else None
+        return FilterChainRuntime(chain.server_names, None, tls, mqtt=front)
 
     def _access_logger(self, config: AccessLog) -> AccessLogger:
         logger = self._access_loggers.get(config)

@@ -38,6 +38,7 @@ from microenvoy.io.http_front import ActiveStream, HttpFront
 
 if TYPE_CHECKING:
     from microenvoy.admin.stats import Scope
+    from microenvoy.io.mqtt_front import MqttConnection, MqttFront
 
 __all__ = ["FilterChainRuntime", "ListenerStats", "TcpHttpConnection", "TcpListener"]
 
@@ -412,12 +413,22 @@ class TcpHttpConnection(asyncio.Protocol):
 class FilterChainRuntime:
     """One filter chain of a listener at run time: SNI names, HTTP front and TLS context."""
 
-    __slots__ = ("front", "server_names", "ssl_context")
+    __slots__ = ("front", "mqtt", "server_names", "ssl_context")
 
-    def __init__(self, server_names: tuple[str, ...], front: HttpFront, ssl_context: ssl.SSLContext | None):
+    def __init__(
+        self,
+        server_names: tuple[str, ...],
+        front: HttpFront | None,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        mqtt: MqttFront | None = None,
+    ):
         self.server_names = server_names
-        self.front = front
+        self.front = cast(HttpFront, front)
+        """The HTTP front (None only for an MQTT chain, whose connections never ask for it)."""
         self.ssl_context = ssl_context
+        self.mqtt = mqtt
+        """The MQTT front when the chain's network filter is ``mqtt_proxy``."""
 
     def matches(self, sni: str) -> int:
         """Match quality for ``sni``: 2 exact, 1 wildcard (longer suffix wins via ranking), 0 default, -1."""
@@ -460,7 +471,7 @@ class TcpListener:
         self.max_connections = max_connections
         self.buffer_limit = buffer_limit
         self.stats = ListenerStats(stats)
-        self.connections: set[TcpHttpConnection] = set()
+        self.connections: set[TcpHttpConnection | MqttConnection] = set()
         self.server: asyncio.Server | None = None
         self.bound_port = 0
         self._sni: dict[int, str] = {}
@@ -501,13 +512,21 @@ class TcpListener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        factory: Callable[[], asyncio.Protocol] = lambda: TcpHttpConnection(self)  # noqa: E731
+        factory: Callable[[], asyncio.Protocol] = self._new_connection
         self.server = await loop.create_server(
             factory, self.host, self.port, ssl=self.ssl_context, reuse_address=True, backlog=1024,
             ssl_handshake_timeout=10.0 if self.ssl_context is not None else None,
         )  # fmt: skip
         sock = self.server.sockets[0]
         self.bound_port = int(sock.getsockname()[1])
+
+    def _new_connection(self) -> asyncio.Protocol:
+        mqtt = self.chains[0].mqtt
+        if mqtt is not None:
+            from microenvoy.io.mqtt_front import MqttConnection
+
+            return MqttConnection(self, mqtt)
+        return TcpHttpConnection(self)
 
     def update(self, chains: list[FilterChainRuntime], max_connections: int | None) -> None:
         """Reload: new connections get the new chains (fronts, certificates); open ones keep theirs."""
