@@ -49,6 +49,14 @@ from microenvoy.core.exchange import DownstreamInfo
 from microenvoy.filters.network.mqtt_proxy import MqttProxy
 from microenvoy.io.mqtt_bridge import MqttBridge
 from microenvoy.io.upstream import ClusterManager
+from microenvoy.mqtt.auth import (
+    AuthResult,
+    ClientAcl,
+    certificate_info,
+    connack_refusal,
+    load_authenticator,
+    publish_denial,
+)
 from microenvoy.mqtt.broker import Broker, BrokerLimits
 from microenvoy.mqtt.session import Delivery, SessionConfig
 
@@ -99,6 +107,7 @@ class _Stats:
         self.dropped_too_large = c("dropped_packet_too_large")
         self.acks_delayed = c("acks_delayed")
         self.acks_negative = c("acks_negative")
+        self.publish_denied = c("publish_denied")
         self.closed_undelivered = c("closed_undelivered")
         self._connect_failed: dict[int, Counter] = {}
 
@@ -141,6 +150,10 @@ class MqttFront:
         )
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at: float | None = None
+        self.auth = load_authenticator(config.auth)
+        """Authentication and ACLs (``auth`` block; none: anonymous clients, everything allowed)."""
+        self.slow_auth = self.auth.passwords is not None
+        """Password checks hash for tens of milliseconds: they run in a worker thread."""
 
     def __repr__(self) -> str:
         return f"<MqttFront {self.config.stat_prefix!r} sessions={len(self.broker.sessions)}>"
@@ -184,6 +197,11 @@ class MqttFront:
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
+
+
+def _allows_all(front: MqttFront) -> bool:
+    """No ACL configured: nothing to check per packet."""
+    return front.config.auth is None or not front.config.auth.has_acl
 
 
 def _loop_time(monotonic: float) -> float:
@@ -235,6 +253,9 @@ class MqttConnection(asyncio.Protocol):
         self._ctx: BridgeContext | None = None
         self._counted = False
         self._paused = False
+        self._acl: ClientAcl | None = None
+        self._held: list[Any] | None = None
+        """Packets that arrived while the CONNECT is being authenticated (handled after the CONNACK)."""
         self._disconnect_reason: int | None = None
         """The client's DISCONNECT reason (None: the connection just went away: the will is sent)."""
 
@@ -272,6 +293,9 @@ class MqttConnection(asyncio.Protocol):
         for item in self.codec.receive_data(data):
             if self.closed:
                 return
+            if self._held is not None:
+                self._held.append(item)  # CONNECT still being authenticated
+                continue
             if isinstance(item, ProtocolViolation):
                 self._violation(item)
                 return
@@ -432,11 +456,49 @@ class MqttConnection(asyncio.Protocol):
 
     def _on_connect(self, p: Connect) -> None:
         front = self.front
-        cfg = front.config
         self._v5 = p.protocol_level == PROTOCOL_LEVEL_V5
         if p.properties.authentication_method is not None:
             front.stats.connect_failed(ReasonCode.BAD_AUTHENTICATION_METHOD)
             self._reject(ReasonCode.BAD_AUTHENTICATION_METHOD)
+            return
+        cert = None
+        if self.transport is not None and self.downstream.tls:
+            sslobj = self.transport.get_extra_info("ssl_object")
+            cert = certificate_info(sslobj.getpeercert() if sslobj is not None else None)
+        auth = front.auth
+        if not front.slow_auth:
+            self._connect_authenticated(p, auth.authenticate(p.username, p.password, cert))
+            return
+        self._held = []
+        task = asyncio.get_running_loop().create_task(self._authenticate(p, cert))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _authenticate(self, p: Connect, cert: Any) -> None:
+        auth = self.front.auth
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, auth.authenticate, p.username, p.password, cert)
+        held, self._held = self._held or [], None
+        if self.closed:
+            return
+        self._connect_authenticated(p, result)
+        for item in held:
+            if self.closed:
+                return
+            if isinstance(item, ProtocolViolation):
+                self._violation(item)
+                return
+            self._dispatch(item)
+        self._flush()
+
+    def _connect_authenticated(self, p: Connect, auth: AuthResult) -> None:
+        front = self.front
+        cfg = front.config
+        if auth.principal is None:
+            assert auth.failure is not None
+            reason = connack_refusal(auth.failure, PROTOCOL_LEVEL_V5)  # the codec maps it for 3.1.1
+            front.stats.connect_failed(reason)
+            self._reject(reason)
             return
         result = front.broker.connect(p, self, time.monotonic())
         if result.reason_code:
@@ -448,6 +510,8 @@ class MqttConnection(asyncio.Protocol):
             old._close(ReasonCode.SESSION_TAKEN_OVER)
         self.client_id = result.client_id
         self.connected = True
+        if not _allows_all(front):
+            self._acl = front.auth.authorizer(auth.principal, self.client_id)
         front.stats.connect_success.inc()
         keepalive = p.keep_alive
         server_keepalive: int | None = None
@@ -471,7 +535,7 @@ class MqttConnection(asyncio.Protocol):
         self._ctx = BridgeContext(
             authority=(cfg.authority or self.listener.name).encode(),
             client_id=self.client_id,
-            principal=p.username or "",
+            principal=str(auth.principal),
             tls=self.downstream.tls,
             protocol_level=p.protocol_level,
         )
@@ -493,7 +557,10 @@ class MqttConnection(asyncio.Protocol):
 
     def _on_subscribe(self, p: Subscribe) -> None:
         front = self.front
-        out = front.broker.subscribe(self.client_id, p, time.monotonic())
+        acl = self._acl
+        out = front.broker.subscribe(
+            self.client_id, p, time.monotonic(), acl.can_subscribe if acl is not None else None
+        )
         if out.disconnect_reason is not None:
             self._close(out.disconnect_reason)
             return
@@ -508,6 +575,15 @@ class MqttConnection(asyncio.Protocol):
             return
         p = resolved
         front.stats.publish_received[p.qos].inc()
+        if self._acl is not None and not self._acl.can_publish(p.topic):
+            front.stats.publish_denied.inc()
+            denial = publish_denial(PROTOCOL_LEVEL_V5 if self._v5 else 4, p.qos)
+            if denial.send_ack and p.packet_id is not None:
+                if p.qos == 1:
+                    self._send(Puback(p.packet_id, denial.reason_code))
+                else:
+                    self._send(Pubrec(p.packet_id, denial.reason_code))
+            return
         bridge = front.bridge
         bridged = bridge is not None and bridge.matches(p.topic)
         if bridged and p.qos == 2:

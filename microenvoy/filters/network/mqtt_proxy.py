@@ -160,8 +160,9 @@ def parse_config(r: Reader) -> MqttProxy:
     access_log: tuple[AccessLog, ...] = r.objects("access_log", hcm.parse_access_log)
     auth = None
     if r.has("auth"):
-        r.ignore("auth")
-        r.error("not supported yet", "auth")
+        from microenvoy.config.mqtt_auth import parse_mqtt_auth
+
+        auth = r.object("auth", parse_mqtt_auth)
     cfg = MqttProxy(
         stat_prefix=stat_prefix,
         authority=r.string("authority", ""),
