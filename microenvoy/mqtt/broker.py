@@ -16,6 +16,7 @@ Calls, in the order a connection makes them::
     s = broker.subscribe(client_id, subscribe, now)    # -> SUBACK reason codes, retained deliveries
     broker.unsubscribe(client_id, unsubscribe)         # -> UNSUBACK reason codes
     broker.puback / pubrec / pubcomp(client_id, ...)   # outgoing acks -> deliveries the window now allows
+    broker.set_congested(client_id, conn, flag)        # from pause_writing/resume_writing (QoS 0 drops)
     broker.disconnect(client_id, conn, now, ...)       # -> Batch (will messages ...)
     broker.tick(now) at broker.next_deadline()         # will delays, session expiry, retained expiry
 
@@ -402,6 +403,15 @@ class Broker(Generic[C]):
         PUBCOMP 0x00 when True, 0x92 Packet Identifier not found when False."""
         session = self.sessions.get(client_id)
         return session is not None and session.release_qos2(packet_id)
+
+    def set_congested(self, client_id: str, connection: C, congested: bool) -> None:
+        """The connection's write buffer went above (True) or back below (False) its high-water mark (call it
+        from ``pause_writing``/``resume_writing``). While congested, QoS 0 messages to the client are dropped
+        by the session (``dropped_slow_consumer``) - never drop a delivery after the broker returned it: it
+        may carry a topic alias the following ones rely on. QoS 1/2 are bounded by the inflight window."""
+        session = self.sessions.get(client_id)
+        if session is not None and session.connected and session.connection is connection:
+            session.congested = congested
 
     # -------------------------------------------------------------------------------------- outgoing acks
 

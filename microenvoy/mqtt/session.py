@@ -152,6 +152,7 @@ class SessionStats:
         "dropped_expired",
         "dropped_qos0_offline",
         "dropped_queue_full",
+        "dropped_slow_consumer",
         "dropped_too_large",
         "inflight",
         "queued",
@@ -165,6 +166,7 @@ class SessionStats:
         self.dropped_expired = s.counter("dropped_expired")
         self.dropped_too_large = s.counter("dropped_too_large")
         self.dropped_qos0_offline = s.counter("dropped_qos0_offline")
+        self.dropped_slow_consumer = s.counter("dropped_slow_consumer")
 
     def __repr__(self) -> str:
         return f"<SessionStats inflight={self.inflight.value} queued={self.queued.value}>"
@@ -216,6 +218,10 @@ class Session(Generic[C]):
         self._expiring = 0
         """Queued messages that carry an expiry (only then is a full queue worth sweeping)."""
         self._next_pid = 1
+        self.congested = False
+        """Set by the listener while the connection's write buffer is above its high-water mark: QoS 0
+        messages are then dropped here (``dropped_slow_consumer``), before a topic alias is assigned to them
+        (a PUBLISH the listener dropped after that would leave the client's alias table out of step)."""
 
     # -------------------------------------------------------------------------------------- connection
 
@@ -254,6 +260,7 @@ class Session(Generic[C]):
         self._conn = conn = _Connection(connection, protocol_level, window, tam, maximum_packet_size)
         self.expires_at = None
         self.will_at = None
+        self.congested = False
         for pid, entry in list(self._inflight.items()):
             msg = entry.message
             if msg is None:
@@ -301,6 +308,9 @@ class Session(Generic[C]):
         if qos == 0:
             if msg.expires_at is not None and msg.expires_at <= now:
                 self.stats.dropped_expired.inc()
+                return
+            if self.congested:
+                self.stats.dropped_slow_consumer.inc()
                 return
             pkt = self._build(conn, msg, None, False, now)
             if pkt is None:
@@ -473,6 +483,9 @@ class Session(Generic[C]):
                     continue
             if msg.publish.qos:
                 self._send_new(conn, msg, now, out)
+                continue
+            if self.congested:
+                self.stats.dropped_slow_consumer.inc()
                 continue
             pkt = self._build(conn, msg, None, False, now)
             if pkt is None:

@@ -848,3 +848,18 @@ def test_subscribe_and_publish_for_unknown_client(level: int) -> None:
     assert env.broker.unsubscribe("ghost", Unsubscribe(1, ("t",))) == (ReasonCode.NO_SUBSCRIPTION_EXISTED,)
     assert not env.broker.pubrel("ghost", 1)
     assert env.broker.disconnect("ghost", "c", 0).deliveries == []
+
+
+def test_set_congested_drops_qos0_for_that_connection_only() -> None:
+    env = Env()
+    conn, _ = env.connect("a")
+    env.sub("a", Subscription("t", 1))
+    env.broker.set_congested("a", "some-old-connection", True)  # not the session's connection: ignored
+    assert len(env.pub("b", "t")) == 1
+    env.broker.set_congested("a", conn, True)
+    assert env.pub("b", "t") == []
+    assert len(env.pub("b", "t", qos=1)) == 1
+    assert env.stat("dropped_slow_consumer") == 1
+    env.broker.set_congested("a", conn, False)
+    assert len(env.pub("b", "t")) == 1
+    env.broker.set_congested("ghost", conn, True)  # unknown client: nothing happens

@@ -4,6 +4,8 @@ queue bounds, message expiry, Maximum Packet Size, topic aliases both ways, inco
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from microenvoy.admin.stats import Store
 from microenvoy.codecs.mqtt.packets import (
@@ -444,3 +446,55 @@ def test_varint_size(n: int) -> None:
 
     want = 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
     assert varint_size(n) == want
+
+
+# ------------------------------------------------------------------------------------------- congestion
+
+
+def test_congested_connection_drops_qos0_before_assigning_an_alias() -> None:
+    env = Env()
+    env.attach(topic_alias_maximum=5)
+    env.session.congested = True
+    assert _pubs(env.deliver(topic="t", qos=0)) == []
+    assert env.stat("dropped_slow_consumer") == 1
+    (p1,) = _pubs(env.deliver(topic="t", qos=1))  # QoS 1/2 are bounded by the window, not dropped
+    env.session.congested = False
+    (p0,) = _pubs(env.deliver(topic="u", qos=0))
+    assert (p1.topic, p1.properties.topic_alias) == ("t", 1)
+    assert (p0.topic, p0.properties.topic_alias) == ("u", 2)
+    env.session.congested = True
+    env.session.detach()
+    env.attach()
+    assert not env.session.congested  # a new connection starts uncongested
+
+
+# ------------------------------------------------------------------------------- sizes agree with the codec
+
+_PROPS = st.builds(
+    Properties,
+    payload_format_indicator=st.none() | st.integers(0, 1),
+    message_expiry_interval=st.none() | st.integers(0, 2**32 - 1),
+    content_type=st.none() | st.text(max_size=20),
+    response_topic=st.none() | st.text(alphabet="ab/é", min_size=1, max_size=20),
+    correlation_data=st.none() | st.binary(max_size=20),
+    subscription_identifiers=st.lists(st.integers(1, 268_435_455), max_size=3).map(tuple),
+    topic_alias=st.none() | st.integers(1, 65535),
+    user_properties=st.lists(st.tuples(st.text(max_size=8), st.text(max_size=8)), max_size=3).map(tuple),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=st.text(alphabet="ab/ü😀", max_size=30),
+    payload=st.binary(max_size=300),
+    qos=st.integers(0, 2),
+    props=_PROPS,
+    level=st.sampled_from([PROTOCOL_LEVEL_V311, PROTOCOL_LEVEL_V5]),
+)
+def test_publish_wire_size_is_the_encoded_size(
+    topic: str, payload: bytes, qos: int, props: Properties, level: int
+) -> None:
+    from microenvoy.codecs.mqtt.codec import encode_packet
+
+    pub = Publish(topic, payload, qos, False, False, 1 if qos else None, props)
+    assert publish_wire_size(pub, level) == len(encode_packet(pub, level))
