@@ -108,6 +108,7 @@ class _Stats:
         self.acks_delayed = c("acks_delayed")
         self.acks_negative = c("acks_negative")
         self.publish_denied = c("publish_denied")
+        self.responses_published = c("responses_published")
         self.closed_undelivered = c("closed_undelivered")
         self._connect_failed: dict[int, Counter] = {}
 
@@ -636,10 +637,30 @@ class MqttConnection(asyncio.Protocol):
             log.exception("mqtt bridge failed for %s", p.topic)
             outcome = None
         reason = ReasonCode.UNSPECIFIED_ERROR if outcome is None else outcome.reason_code
+        now = time.monotonic()
         if reason == 0:  # delivered upstream: local subscribers get it too
-            out = self.front.broker.inject(p, time.monotonic(), origin=self.client_id)
+            out = self.front.broker.inject(p, now, origin=self.client_id)
             self.front.deliver(out.deliveries)
+        if outcome is not None and outcome.result is not None and p.properties.response_topic is not None:
+            self._respond(p, outcome.result)
         self._finish(pending, reason)
+
+    def _respond(self, request: Publish, result: Any) -> None:
+        """MQTT 5 request/response: the upstream's answer goes to the Response Topic with the request's
+        Correlation Data, its content type, and the HTTP status as user property ``status``."""
+        ctype = result.headers.get(b"content-type")
+        props = Properties(
+            correlation_data=request.properties.correlation_data,
+            content_type=ctype.decode("latin-1") if ctype else None,
+            user_properties=(("status", str(result.status)),),
+        )
+        assert request.properties.response_topic is not None
+        response = Publish(
+            request.properties.response_topic, result.body, min(request.qos, 1), properties=props
+        )
+        out = self.front.broker.inject(response, time.monotonic())
+        self.front.stats.responses_published.inc()
+        self.front.deliver(out.deliveries)
 
     def _finish(self, pending: _PendingAck | None, reason: int) -> None:
         if pending is None:
