@@ -183,15 +183,59 @@ class SharedGroup(Generic[V]):
 
 
 class _Node(Generic[V]):
-    __slots__ = ("children", "groups", "subs")
+    """A trie node: literal children by level; the ``+`` and ``#`` children apart (no lookup to match)."""
+
+    __slots__ = ("children", "groups", "hash", "plus", "subs")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node[V]] = {}
+        self.plus: _Node[V] | None = None
+        self.hash: _Node[V] | None = None
         self.subs: dict[str, V] | None = None
         self.groups: dict[str, SharedGroup[V]] | None = None
 
     def empty(self) -> bool:
-        return not self.children and not self.subs and not self.groups
+        return (
+            not self.children
+            and self.plus is None
+            and self.hash is None
+            and not self.subs
+            and not self.groups
+        )
+
+    def child(self, level: str) -> _Node[V] | None:
+        if level == "+":
+            return self.plus
+        if level == "#":
+            return self.hash
+        return self.children.get(level)
+
+    def make_child(self, level: str) -> _Node[V]:
+        node = self.child(level)
+        if node is None:
+            node = _Node()
+            if level == "+":
+                self.plus = node
+            elif level == "#":
+                self.hash = node
+            else:
+                self.children[level] = node
+        return node
+
+    def drop_child(self, level: str) -> None:
+        if level == "+":
+            self.plus = None
+        elif level == "#":
+            self.hash = None
+        else:
+            del self.children[level]
+
+    def all_children(self) -> Iterator[tuple[str, _Node[V]]]:
+        yield from self.children.items()
+        if self.plus is not None:
+            yield "+", self.plus
+        if self.hash is not None:
+            yield "#", self.hash
 
 
 class SubscriptionIndex(Generic[V]):
@@ -211,14 +255,20 @@ class SubscriptionIndex(Generic[V]):
         """Number of (client, filter[, group]) subscriptions held."""
         return self._count
 
+    def _find(self, topic_filter: str) -> _Node[V] | None:
+        node: _Node[V] | None = self._root
+        for level in topic_filter.split("/"):
+            assert node is not None
+            node = node.child(level)
+            if node is None:
+                return None
+        return node
+
     def add(self, topic_filter: str, client_id: str, value: V, group: str | None = None) -> bool:
         """Add or replace a subscription; True when it is new."""
         node = self._root
         for level in topic_filter.split("/"):
-            child = node.children.get(level)
-            if child is None:
-                child = node.children[level] = _Node()
-            node = child
+            node = node.make_child(level)
         if group is None:
             if node.subs is None:
                 node.subs = {}
@@ -241,7 +291,7 @@ class SubscriptionIndex(Generic[V]):
         path: list[tuple[_Node[V], str]] = []
         node = self._root
         for level in topic_filter.split("/"):
-            child = node.children.get(level)
+            child = node.child(level)
             if child is None:
                 return False
             path.append((node, level))
@@ -264,20 +314,17 @@ class SubscriptionIndex(Generic[V]):
                     node.groups = None
         self._count -= 1
         for parent, level in reversed(path):
-            child = parent.children[level]
-            if not child.empty():
+            child = parent.child(level)
+            if child is None or not child.empty():
                 break
-            del parent.children[level]
+            parent.drop_child(level)
         return True
 
     def get(self, topic_filter: str, client_id: str, group: str | None = None) -> V | None:
         """The subscription stored for exactly this filter/client/group, if any."""
-        node = self._root
-        for level in topic_filter.split("/"):
-            child = node.children.get(level)
-            if child is None:
-                return None
-            node = child
+        node = self._find(topic_filter)
+        if node is None:
+            return None
         if group is None:
             return node.subs.get(client_id) if node.subs else None
         g = node.groups.get(group) if node.groups else None
@@ -285,13 +332,10 @@ class SubscriptionIndex(Generic[V]):
 
     def group(self, topic_filter: str, name: str) -> SharedGroup[V] | None:
         """The shared group ``$share/<name>/<topic_filter>``, if it has members."""
-        node = self._root
-        for level in topic_filter.split("/"):
-            child = node.children.get(level)
-            if child is None:
-                return None
-            node = child
-        return node.groups.get(name) if node.groups else None
+        node = self._find(topic_filter)
+        if node is None or not node.groups:
+            return None
+        return node.groups.get(name)
 
     def match(self, topic: str) -> tuple[list[dict[str, V]], list[SharedGroup[V]]]:
         """The subscriptions matching topic name ``topic``: (client id -> subscription maps of the matching
@@ -300,36 +344,39 @@ class SubscriptionIndex(Generic[V]):
         shared: list[SharedGroup[V]] = []
         levels = topic.split("/")
         n = len(levels)
-        dollar = topic.startswith("$")
-
-        def collect(node: _Node[V]) -> None:
-            if node.subs:
-                direct.append(node.subs)
-            if node.groups:
-                shared.extend(node.groups.values())
-
-        stack: list[tuple[_Node[V], int]] = [(self._root, 0)]
+        node = self._root
+        # Level 0 apart: a filter starting with a wildcard does not match a $-topic [MQTT-4.7.2-1].
+        stack: list[tuple[_Node[V], int]] = []
+        if not topic.startswith("$"):
+            h = node.hash
+            if h is not None:
+                if h.subs:
+                    direct.append(h.subs)
+                if h.groups:
+                    shared.extend(h.groups.values())
+            if node.plus is not None:
+                stack.append((node.plus, 1))
+        exact = node.children.get(levels[0])
+        if exact is not None:
+            stack.append((exact, 1))
         while stack:
             node, i = stack.pop()
-            children = node.children
+            h = node.hash
+            if h is not None:  # "a/#" matches "a" and everything below it
+                if h.subs:
+                    direct.append(h.subs)
+                if h.groups:
+                    shared.extend(h.groups.values())
             if i == n:
-                collect(node)
-                hash_child = children.get("#")
-                if hash_child is not None:
-                    collect(hash_child)  # "a/#" matches "a"
+                if node.subs:
+                    direct.append(node.subs)
+                if node.groups:
+                    shared.extend(node.groups.values())
                 continue
-            if not children:
-                continue
-            if not (i == 0 and dollar):  # [MQTT-4.7.2-1]
-                hash_child = children.get("#")
-                if hash_child is not None:
-                    collect(hash_child)
-                plus = children.get("+")
-                if plus is not None:
-                    stack.append((plus, i + 1))
-            level = levels[i]
-            if level != "+" and level != "#":
-                exact = children.get(level)
+            if node.plus is not None:
+                stack.append((node.plus, i + 1))
+            if node.children:
+                exact = node.children.get(levels[i])
                 if exact is not None:
                     stack.append((exact, i + 1))
         return direct, shared
@@ -346,7 +393,7 @@ class SubscriptionIndex(Generic[V]):
                 for g in (node.groups or {}).values():
                     for cid, v in g.members.items():
                         yield text, cid, g.name, v
-            for level, child in node.children.items():
+            for level, child in node.all_children():
                 stack.append((child, (*prefix, level)))
 
     def __repr__(self) -> str:
