@@ -64,8 +64,9 @@ __all__ = ["MqttConnection", "MqttFront", "broker_limits"]
 
 log = logging.getLogger("microenvoy.mqtt")
 
-_WRITE_HIGH = 1 << 20
-"""Above this many bytes queued on a connection's transport, QoS 0 messages to it are dropped (counted)."""
+_WRITE_HIGH = 256 << 10
+"""Above this many bytes queued on a connection's transport the client is congested: QoS 0 messages to it
+are dropped by its session (``dropped_slow_consumer``) until the buffer drains."""
 _MAX_BRIDGE_TASKS = 64
 """Bridged messages in flight per connection (QoS 1/2 are also bounded by our Receive Maximum)."""
 
@@ -103,7 +104,6 @@ class _Stats:
         self.packet_too_large = c("packet_too_large")
         self.publish_received = [c(f"publish_received_qos{q}") for q in range(3)]
         self.publish_sent = [c(f"publish_sent_qos{q}") for q in range(3)]
-        self.dropped_slow_consumer = c("dropped_slow_consumer")
         self.dropped_too_large = c("dropped_packet_too_large")
         self.acks_delayed = c("acks_delayed")
         self.acks_negative = c("acks_negative")
@@ -266,6 +266,7 @@ class MqttConnection(asyncio.Protocol):
     # ------------------------------------------------------------------------- asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH)
         lst = self.listener
         if lst.max_connections is not None and len(lst.connections) >= lst.max_connections:
             lst.stats.cx_overflow.inc()
@@ -307,9 +308,13 @@ class MqttConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        if self.connected:  # QoS 0 to a slow consumer is dropped inside its session (topic aliases stay right)
+            self.front.broker.set_congested(self.client_id, self, True)
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self.connected:
+            self.front.broker.set_congested(self.client_id, self, False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -355,10 +360,6 @@ class MqttConnection(asyncio.Protocol):
         if self.closed:
             return
         if isinstance(packet, Publish):
-            if packet.qos == 0 and self.transport is not None:
-                if self.transport.get_write_buffer_size() > _WRITE_HIGH:
-                    self.front.stats.dropped_slow_consumer.inc()
-                    return
             self.front.stats.publish_sent[packet.qos].inc()
         self._send(packet)
 
