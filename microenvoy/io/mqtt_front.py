@@ -308,7 +308,7 @@ class MqttConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
-        if self.connected:  # QoS 0 to a slow consumer is dropped inside its session (topic aliases stay right)
+        if self.connected:  # its session drops QoS 0 (so topic aliases stay in step)
             self.front.broker.set_congested(self.client_id, self, True)
 
     def resume_writing(self) -> None:
