@@ -45,7 +45,8 @@ Checks (reason code in brackets; 0x81 malformed, 0x82 protocol error):
   Identifier when it said Subscription Identifier Available 0 (0xA1), a DISCONNECT setting a non-zero Session
   Expiry after a CONNECT with zero [MQTT-3.14.2-2] (0x82), AUTH without an Authentication Method in CONNECT
   [MQTT-4.12.0-?] (0x82), reason codes not allowed for the packet type (0x82).
-* Remaining Length that does not match the packet's content (0x81); a fifth length byte (0x81).
+* Remaining Length that does not match the packet's content (0x81); a fifth length byte or a Variable Byte
+  Integer not in its shortest form [MQTT-1.5.5-1] (0x81).
 * Maximum Packet Size both ways: incoming over ``max_packet_size`` (or the Maximum Packet Size of the CONNACK
   this codec encoded, if smaller) is 0x95; outgoing, :meth:`MqttServerCodec.encode` honours the client's
   Maximum Packet Size from CONNECT: it drops the Reason String, then the User Properties of packets that may
@@ -290,6 +291,9 @@ class _MqttCodec:
                         i += 1
                         length |= (byte & 0x7F) << shift
                         if byte < 0x80:
+                            if not byte:
+                                # [MQTT-1.5.5-1]: the minimum number of bytes.
+                                raise _malformed("remaining length is not minimally encoded")
                             break
                         shift += 7
                         if shift == 28:

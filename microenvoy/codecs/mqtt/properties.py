@@ -184,6 +184,8 @@ def read_vbi(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if not byte and shift:
+                raise _malformed("variable byte integer is not minimally encoded")
             return value, pos
         shift += 7
     raise _malformed("variable byte integer longer than four bytes")

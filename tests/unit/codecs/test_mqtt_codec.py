@@ -529,8 +529,11 @@ def pub_v5(topic: bytes, rest: bytes, first: int = 0x30) -> bytes:
         (b"\xb0\x02\x00\x01", RC.PROTOCOL_ERROR),
         (b"\xd0\x00", RC.PROTOCOL_ERROR),
         (b"\x00\x00", RC.MALFORMED_PACKET),
-        # A fifth remaining-length byte.
+        # A fifth remaining-length byte; remaining length / property VBI not in the shortest form.
         (b"\x30\xff\xff\xff\xff\x01", RC.MALFORMED_PACKET),
+        (b"\xc0\x80\x00", RC.MALFORMED_PACKET),
+        (pub_v5(b"t", b"\x80\x00"), RC.MALFORMED_PACKET),
+        (frame(0x82, b"\x00\x01\x03\x0b\x81\x00" + s("a") + b"\x00"), RC.MALFORMED_PACKET),
     ],
 )
 def test_rejections_v5(data: bytes, reason: int) -> None:
