@@ -77,6 +77,25 @@ def self_signed_certificate(directory: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
+def _mqtt_proxy() -> dict[str, Any]:
+    """MQTT 3.1.1/5.0 on 1883: a local broker, and ``demo/#`` bridged to the demo upstream (QoS 1/2
+    acknowledged after its 2xx; MQTT 5 requests with a response topic get its answer back)."""
+    return {
+        "name": "microenvoy.filters.network.mqtt_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/microenvoy.extensions.filters.network.mqtt_proxy.v1.MqttProxy",
+            "stat_prefix": "mqtt",
+            "routes": [
+                {
+                    "name": "demo",
+                    "match": {"topic_filter": "demo/#"},
+                    "route": {"cluster": "demo_upstream", "path": "/demo/{#}", "timeout": "5s"},
+                }
+            ],
+        },
+    }
+
+
 def _hcm(stat_prefix: str, codec: str) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
@@ -128,7 +147,7 @@ def _hcm(stat_prefix: str, codec: str) -> dict[str, Any]:
 
 
 def demo_config(cert: str, key: str, upstream_port: int, *, http_port: int = 10000,
-                https_port: int = 10443, admin_port: int = 9901,
+                https_port: int = 10443, admin_port: int = 9901, mqtt_port: int = 1883,
                 address: str = "127.0.0.1") -> dict[str, Any]:  # fmt: skip
     tls_certs = [{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}]
     return {
@@ -181,6 +200,11 @@ def demo_config(cert: str, key: str, upstream_port: int, *, http_port: int = 100
                         }
                     ],
                 },
+                {
+                    "name": "mqtt",
+                    "address": {"socket_address": {"address": address, "port_value": mqtt_port}},
+                    "filter_chains": [{"filters": [_mqtt_proxy()]}],
+                },
             ],
             "clusters": [
                 {
@@ -230,12 +254,12 @@ async def run_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="microenvoy-demo-") as tmp:
         cert, key = self_signed_certificate(tmp)
         doc = demo_config(cert, key, upstream.port, http_port=args.http_port, https_port=args.https_port,
-                          admin_port=args.admin_port)  # fmt: skip
+                          admin_port=args.admin_port, mqtt_port=args.mqtt_port)  # fmt: skip
         server = Server(parse_bootstrap(doc), admin_address_path=getattr(args, "admin_address_path", None))
         await server.start()
         ports = {d["name"]: d["local_address"]["socket_address"]["port_value"] for d in server.listeners()}
         admin = server.admin.port if server.admin else 0
-        print(_banner(ports["http"], ports["https"], ports["h3"], admin, cert), flush=True)
+        print(_banner(ports["http"], ports["https"], ports["h3"], admin, cert, ports["mqtt"]), flush=True)
         try:
             await server.serve()
         finally:
@@ -243,13 +267,14 @@ async def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _banner(http: int, https: int, h3: int, admin: int, cert: str) -> str:
+def _banner(http: int, https: int, h3: int, admin: int, cert: str, mqtt: int) -> str:
     return f"""
 microenvoy demo is running (Ctrl-C to stop)
 
   HTTP/1.1 + h2c     http://127.0.0.1:{http}/          (TCP; advertises h3 with alt-svc)
   HTTPS (h2, 1.1)    https://127.0.0.1:{https}/         (TCP, self-signed certificate)
   HTTP/3 (QUIC)      https://127.0.0.1:{h3}/         (UDP, same certificate)
+  MQTT 3.1.1 / 5.0   mqtt://127.0.0.1:{mqtt}            (TCP; local broker, demo/# bridged upstream)
   admin              http://127.0.0.1:{admin}/
   upstream           built-in h2c echo + gRPC echo (/microenvoy.demo.v1.Echo/Echo echoes any message)
 
@@ -259,6 +284,8 @@ Try:
   curl -sk --http2 https://127.0.0.1:{https}/hello
   python -m microenvoy.tools.h3get https://127.0.0.1:{h3}/hello          # HTTP/3 (aioquic client)
   python -m microenvoy.tools.h3get --grpc /microenvoy.demo.v1.Echo/Echo https://127.0.0.1:{h3}/
+  mosquitto_pub -p {mqtt} -t demo/sensor/1 -m '{{"t": 21.5}}' -q 1    # acked after the upstream's 200
+  mosquitto_rr -p {mqtt} -t demo/hello -e demo-replies/1 -m hi         # MQTT 5: prints what the upstream got
   curl -s http://127.0.0.1:{admin}/stats?filter=downstream_rq
   (certificate: {cert})
 """

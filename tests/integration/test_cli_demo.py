@@ -91,7 +91,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     log = (tmp / "demo.log").open("w")
     proc = subprocess.Popen(
         [*MICROENVOY, "demo", "--http-port", "0", "--https-port", "0", "--admin-port", "0",
-         "--admin-address-path", str(addr_file)],
+         "--mqtt-port", "0", "--admin-address-path", str(addr_file)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )  # fmt: skip
     try:
@@ -155,6 +155,27 @@ def test_demo_admin_and_alt_svc(demo) -> None:  # type: ignore[no-untyped-def]
         assert r.headers["alt-svc"] == f'h3=":{ports["h3"]}"; ma=86400'
     with urllib.request.urlopen(admin + "/ready", timeout=5) as r:
         assert r.read().strip() == b"LIVE"
+
+
+def test_demo_mqtt_bridge_with_mosquitto_clients(demo) -> None:  # type: ignore[no-untyped-def]
+    _, admin, ports, _ = demo
+    port = str(ports["mqtt"])
+    pub = subprocess.run(
+        ["mosquitto_pub", "-p", port, "-h", "127.0.0.1", "-t", "demo/sensor/1", "-m", '{"t": 21.5}',
+         "-q", "1"],
+        capture_output=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert pub.returncode == 0, pub.stderr
+    rr = subprocess.run(
+        ["mosquitto_rr", "-p", port, "-h", "127.0.0.1", "-t", "demo/hello", "-e", "demo-replies/1",
+         "-m", "hi", "-W", "10"],
+        capture_output=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert rr.returncode == 0, rr.stderr
+    echo = json.loads(rr.stdout)
+    assert echo["path"] == "/demo/hello"
+    with urllib.request.urlopen(admin + "/stats?filter=mqtt.mqtt.bridge_rq_2xx", timeout=5) as r:
+        assert b"mqtt.mqtt.bridge_rq_2xx: 2" in r.read()
 
 
 def test_demo_exits_cleanly_on_sigterm(demo) -> None:  # type: ignore[no-untyped-def]
