@@ -465,6 +465,7 @@ class MqttServerCodec(_MqttCodec):
         "_auth_method",
         "_connect_session_expiry",
         "_max_qos",
+        "_problem_information",
         "_retain_available",
         "_sub_ids_available",
         "_topic_alias_maximum",
@@ -480,6 +481,7 @@ class MqttServerCodec(_MqttCodec):
         """The client's Maximum Packet Size from CONNECT (None: no limit)."""
         self._connect_session_expiry = 0
         self._auth_method: str | None = None
+        self._problem_information = True
         self._topic_alias_maximum = 0
         self._max_qos = 2
         self._retain_available = True
@@ -501,12 +503,21 @@ class MqttServerCodec(_MqttCodec):
         """
         version = self.version
         if isinstance(packet, Connack):
+            # On a connection whose CONNECT had an unsupported level, version is 4: the refusal is the
+            # 3.1.1 CONNACK 0x01 [MQTT-3.1.2-2].
             self._learn_connack(packet)
-            if version != PROTOCOL_LEVEL_V5 and self.protocol_level not in (None, PROTOCOL_LEVEL_V311):
-                # An unsupported level is refused with the 3.1.1 CONNACK 0x01 [MQTT-3.1.2-2].
-                version = PROTOCOL_LEVEL_V311
-        elif isinstance(packet, Disconnect) and version != PROTOCOL_LEVEL_V5:
-            return b""
+        elif isinstance(packet, Disconnect):
+            if version != PROTOCOL_LEVEL_V5:
+                return b""
+        elif (
+            not self._problem_information
+            and not isinstance(packet, Publish)
+            and version == PROTOCOL_LEVEL_V5
+            and (props := getattr(packet, "properties", EMPTY_PROPERTIES)) is not EMPTY_PROPERTIES
+        ):
+            # [MQTT-3.1.2-29]: with Request Problem Information 0, no Reason String or User Properties on
+            # anything but PUBLISH, CONNACK and DISCONNECT.
+            packet = replace(packet, properties=strip_optional_properties(props))  # type: ignore[arg-type]
         data = encode_packet(packet, version)
         limit = self.peer_maximum_packet_size
         if limit is None or len(data) <= limit:
@@ -638,6 +649,7 @@ class MqttServerCodec(_MqttCodec):
         self.peer_maximum_packet_size = props.maximum_packet_size
         self._connect_session_expiry = props.session_expiry_interval or 0
         self._auth_method = props.authentication_method
+        self._problem_information = props.request_problem_information != 0
         return Connect(level, client_id, clean_start, keep_alive, username, password, will, props)
 
     def _check_publish_properties(self, props: Properties, payload: bytes) -> None:

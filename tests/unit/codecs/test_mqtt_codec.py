@@ -625,6 +625,18 @@ def test_outgoing_respects_the_clients_maximum_packet_size() -> None:
     assert codec.encode(Suback(1, (0,) * 50)) is None
 
 
+def test_request_problem_information_0_strips_reason_strings() -> None:
+    codec = server(5, request_problem_information=0)
+    props = Properties(reason_string="why", user_properties=(("k", "v"),))
+    assert codec.encode(Puback(1, RC.QUOTA_EXCEEDED, props)) == b"\x40\x03\x00\x01\x97"
+    assert codec.encode(Suback(2, (0,), props)) == b"\x90\x04\x00\x02\x00\x00"
+    # PUBLISH, CONNACK and DISCONNECT keep them.
+    for packet in (Publish("t", b"", properties=props), Connack(False, 0, props), Disconnect(0x80, props)):
+        assert codec.encode(packet) == encode_packet(packet, 5)
+    # The default (absent = 1) keeps them everywhere.
+    assert server(5).encode(Puback(1, 0, props)) == encode_packet(Puback(1, 0, props), 5)
+
+
 # ------------------------------------------------------------------------------------------ CONNACK learning
 
 
