@@ -11,6 +11,9 @@ delivered. Message Expiry Interval caps the exchange's time; an already expired 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
 import random as _random
 from dataclasses import dataclass
 
@@ -23,9 +26,16 @@ from microenvoy.filters.network.mqtt_proxy import MqttProxy, http_connection_man
 from microenvoy.io.bridge import BridgeResult, forward
 from microenvoy.io.http_front import HttpFront
 from microenvoy.io.upstream import ClusterManager
-from microenvoy.router.topic_routes import TopicRouteTable, compile_path_template, compile_topic_filter
+from microenvoy.router.topic_routes import (
+    TopicRouteTable,
+    compile_path_template,
+    compile_topic_filter,
+    fill_path,
+)
 
-__all__ = ["BridgeOutcome", "MqttBridge"]
+__all__ = ["BATCH_CONTENT_TYPE", "BridgeOutcome", "MqttBridge", "batch_body"]
+
+log = logging.getLogger("microenvoy.mqtt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +57,8 @@ class _Stats:
         """No answer at all (reset, timeout, overflow answered locally count by their status)."""
         self.expired = c("dropped_expired")
         self.negative = c("bridge_negative_ack")
+        self.batches = c("bridge_batches")
+        self.batched_messages = c("bridge_batched_messages")
 
 
 class MqttBridge:
@@ -73,6 +85,8 @@ class MqttBridge:
             http_connection_manager(config), clusters=clusters, stats=stats, rng=rng, health=health
         )
         self.authority = (config.authority or listener_name).encode()
+        self._batches: dict[tuple[int, str], _Batch] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         self.stats = _Stats(stats.scope(f"mqtt.{config.stat_prefix}."))
 
     def __repr__(self) -> str:
@@ -99,6 +113,8 @@ class MqttBridge:
         if expires_in is not None and expires_in <= 0:
             self.stats.expired.inc()
             return BridgeOutcome(ReasonCode.UNSPECIFIED_ERROR, None)
+        if route.batch is not None:
+            return await self._batched(index, captures, publish, ctx, downstream)
         headers, body = request_for(
             publish,
             route_index=index,
@@ -119,15 +135,120 @@ class MqttBridge:
             except TimeoutError:
                 self.stats.expired.inc()
                 return BridgeOutcome(ReasonCode.UNSPECIFIED_ERROR, None)
+        return self._outcome(route.grpc is not None, result)
+
+    def _outcome(self, grpc: bool, result: BridgeResult) -> BridgeOutcome:
         if result.status:
             self.stats.by_class[min(5, max(1, result.status // 100))].inc()
         else:
             self.stats.failed.inc()
         grpc_status = None
-        if route.grpc is not None:
+        if grpc:
             raw = (result.trailers or result.headers).get(b"grpc-status")
             grpc_status = int(raw) if raw is not None and raw.isdigit() else grpc_codec.UNKNOWN
         reason = ack_reason(result.status, grpc_status)
         if reason:
             self.stats.negative.inc()
         return BridgeOutcome(reason, result)
+
+    # -- batching ---------------------------------------------------------------------------------
+    async def _batched(
+        self,
+        index: int,
+        captures: dict[str, str],
+        publish: Publish,
+        ctx: BridgeContext,
+        downstream: DownstreamInfo,
+    ) -> BridgeOutcome:
+        """Queue ``publish`` into its route's open batch (per request path); every message of a batch gets
+        the outcome of the one request that carries them all."""
+        route = self.config.routes[index]
+        assert route.batch is not None
+        pieces = self.pieces[index]
+        assert pieces is not None
+        path = fill_path(pieces, publish.topic, captures)
+        key = (index, path)
+        batch = self._batches.get(key)
+        loop = asyncio.get_running_loop()
+        if batch is None:
+            batch = self._batches[key] = _Batch(publish, ctx, downstream)
+            batch.timer = loop.call_later(route.batch.max_delay, self._flush, key)
+        fut: asyncio.Future[BridgeOutcome] = loop.create_future()
+        batch.items.append((publish, ctx.client_id, fut))
+        if len(batch.items) >= route.batch.max_messages:
+            self._flush(key)
+        return await asyncio.shield(fut)
+
+    def _flush(self, key: tuple[int, str]) -> None:
+        batch = self._batches.pop(key, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._send_batch(key, batch))
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+
+    async def _send_batch(self, key: tuple[int, str], batch: _Batch) -> None:
+        index, path = key
+        route = self.config.routes[index]
+        first = batch.items[0][0]
+        headers, _ = request_for(
+            first,
+            route_index=index,
+            path_pieces=((path, None),),
+            grpc_method=None,
+            grpc_envelope=False,
+            default_content_type=route.content_type,
+            captures={},
+            ctx=batch.ctx,
+        )
+        headers.set(b"content-type", BATCH_CONTENT_TYPE)
+        headers.set(b"x-microenvoy-mqtt-batch-size", str(len(batch.items)).encode())
+        body = batch_body([(p, client_id) for p, client_id, _ in batch.items])
+        self.stats.requests.inc()
+        self.stats.batches.inc()
+        self.stats.batched_messages.inc(len(batch.items))
+        try:
+            result = await forward(self.front, batch.downstream, headers, body)
+            outcome = self._outcome(False, result)
+        except Exception:  # never leave a message without an answer
+            log.exception("mqtt batch to %s failed", path)
+            outcome = BridgeOutcome(ReasonCode.UNSPECIFIED_ERROR, None)
+        for _, _, fut in batch.items:
+            if not fut.done():
+                fut.set_result(outcome)
+
+
+class _Batch:
+    __slots__ = ("ctx", "downstream", "items", "timer")
+
+    def __init__(self, first: Publish, ctx: BridgeContext, downstream: DownstreamInfo) -> None:
+        self.ctx = ctx
+        self.downstream = downstream
+        self.items: list[tuple[Publish, str, asyncio.Future[BridgeOutcome]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+
+BATCH_CONTENT_TYPE = b"application/vnd.microenvoy.mqtt-batch+json"
+"""Content type of a batch request (``docs/mqtt.md``)."""
+
+
+def batch_body(messages: list[tuple[Publish, str]]) -> bytes:
+    """The batch request body: ``{"messages": [{"topic", "payload" (base64), "qos", "retain",
+    "client_id", "content_type", "user_properties"}]}``, in arrival order."""
+    out = []
+    for p, client_id in messages:
+        item: dict[str, object] = {
+            "topic": p.topic,
+            "payload": base64.b64encode(p.payload).decode("ascii"),
+            "qos": p.qos,
+            "retain": p.retain,
+            "client_id": client_id,
+        }
+        if p.properties.content_type is not None:
+            item["content_type"] = p.properties.content_type
+        if p.properties.user_properties:
+            item["user_properties"] = [list(kv) for kv in p.properties.user_properties]
+        out.append(item)
+    return json.dumps({"messages": out}, separators=(",", ":")).encode()

@@ -3,6 +3,8 @@ ack reason codes from real answers, expiry, metadata headers for filters only.""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 
@@ -14,7 +16,7 @@ from microenvoy.bridging.mqtt import BridgeContext
 from microenvoy.codecs.mqtt.packets import Properties, Publish
 from microenvoy.config.model import Cluster, Endpoint, RouteAction, SocketAddress
 from microenvoy.core.exchange import DownstreamInfo
-from microenvoy.filters.network.mqtt_proxy import MqttProxy, MqttRoute
+from microenvoy.filters.network.mqtt_proxy import Batching, MqttProxy, MqttRoute
 from microenvoy.io.mqtt_bridge import MqttBridge
 from microenvoy.io.upstream import ClusterManager
 
@@ -29,6 +31,13 @@ async def bridge(h2_server: H2Server) -> AsyncIterator[tuple[MqttBridge, Store]]
     routes = (
         MqttRoute("status", "status/{code}", RouteAction(cluster="up", timeout=5.0), path="/status/{code}"),
         MqttRoute("telemetry", "devices/{device}/telemetry", RouteAction(cluster="up"), path="/v1/{device}"),
+        MqttRoute(
+            "batched",
+            "batch/{kind}/#",
+            RouteAction(cluster="up"),
+            path="/batch/{kind}",
+            batch=Batching(max_messages=3, max_delay=0.2),
+        ),
     )
     store = Store()
     cluster = Cluster(
@@ -81,3 +90,47 @@ async def test_unrouted_and_expired_messages(bridge: tuple[MqttBridge, Store], h
     assert out.result is None
     assert h2_server.count("/v1/late") == before  # never sent
     assert store.value("mqtt.dev.dropped_expired") == 1
+
+
+async def test_batching_sends_one_request_and_acks_every_message(
+    bridge: tuple[MqttBridge, Store], h2_server: H2Server
+) -> None:
+    b, store = bridge
+    pubs = [Publish(f"batch/full/{i}", f"m{i}".encode(), qos=1, packet_id=10 + i) for i in range(3)]
+    outs = await asyncio.gather(*(b.send(p, CTX, DOWN) for p in pubs))
+    assert [o.reason_code for o in outs if o is not None] == [0, 0, 0]
+    assert h2_server.count("/batch/full") == 1  # three messages, one request
+    first = outs[0]
+    assert first is not None
+    assert first.result is not None
+    echo = json.loads(first.result.body)
+    assert dict(echo["headers"])["content-type"] == "application/vnd.microenvoy.mqtt-batch+json"
+    assert echo["body_length"] > 0
+    # Fewer than max_messages: sent when max_delay passes.
+    outs = await asyncio.gather(
+        *(b.send(Publish(f"batch/part/{i}", b"x", qos=1, packet_id=20 + i), CTX, DOWN) for i in range(2))
+    )
+    assert [o.reason_code for o in outs if o is not None] == [0, 0]
+    assert h2_server.count("/batch/part") == 1
+    assert store.value("mqtt.dev.bridge_batched_messages") == 5
+
+
+def test_batch_body_format() -> None:
+    from microenvoy.io.mqtt_bridge import batch_body
+
+    body = json.loads(
+        batch_body(
+            [
+                (
+                    Publish(
+                        "a/b", b"\x00\xff", qos=1, packet_id=1, properties=Properties(content_type="x/y")
+                    ),
+                    "c1",
+                )
+            ]
+        )
+    )
+    (m,) = body["messages"]
+    assert (m["topic"], base64.b64decode(m["payload"]), m["qos"], m["client_id"], m["content_type"]) == (
+        "a/b", b"\x00\xff", 1, "c1", "x/y",
+    )  # fmt: skip

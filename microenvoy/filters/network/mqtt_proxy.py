@@ -231,6 +231,8 @@ def _parse_route(r: Reader) -> MqttRoute:
                 compile_path_template(path, names)
             except ValueError as exc:
                 a.error(str(exc), "path")
+        if grpc is not None and batch is not None:
+            a.error("batching is not supported for gRPC routes yet", "batch")
         if grpc is not None:
             path = grpc.method
         action = hcm.parse_route_action(a)
