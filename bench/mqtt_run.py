@@ -14,7 +14,9 @@ Loads (``--loads``), each on a freshly started server:
 * ``idle``: ``--idle-connections`` (5,000) connections opened (CONNECT/CONNACK) and held; the server's
   RSS (``/proc/PID/status``) before and while they are held: memory per idle connection.
 
-Targets (``--targets``; default ``mosquitto``): ``mosquitto`` (``/usr/sbin/mosquitto``, one process) and
+Targets (``--targets``; default ``mosquitto``): ``mosquitto`` (``/usr/sbin/mosquitto``, one process, its
+defaults plus ``allow_anonymous true``, ``persistence false``, ``max_connections -1``; Nagle stays on as
+by default unless ``--mosquitto-nodelay``) and
 ``microenvoy`` (its MQTT listener as a local broker) get qos0, qos0-half, qos1, qos1-half and idle;
 ``microenvoy-h2`` and ``microenvoy-h2-batch`` (QoS 1 -> HTTP/2 bridging to an nginx h2c upstream that
 answers 200, without / with the route's batching) get qos1 and qos1-half. The microenvoy agent configs come
@@ -111,7 +113,7 @@ listener {port} 127.0.0.1
 allow_anonymous true
 persistence false
 max_connections -1
-set_tcp_nodelay true
+set_tcp_nodelay {"true" if bench.args.mosquitto_nodelay else "false"}
 log_dest stderr
 log_type error
 log_type warning
@@ -493,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loads", default=",".join(LOADS), help="comma-separated subset of " + ",".join(LOADS))
     p.add_argument(
         "--rounds", type=_positive(int), default=1, help="measure everything N times; tables show the median"
+    )
+    p.add_argument(
+        "--mosquitto-nodelay",
+        action="store_true",
+        help="set_tcp_nodelay true (default: mosquitto's default, false: Nagle coalesces its acks)",
     )
     p.add_argument("--agent-log-level", default="warning")
     p.add_argument("--markdown", help="also write the tables (with machine info) to this file")
