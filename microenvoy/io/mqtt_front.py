@@ -517,7 +517,9 @@ class MqttConnection(asyncio.Protocol):
         front.stats.connect_success.inc()
         keepalive = p.keep_alive
         server_keepalive: int | None = None
-        if cfg.max_keepalive and (keepalive == 0 or keepalive > cfg.max_keepalive):
+        # Only a v5 client can be told (Server Keep Alive, [MQTT-3.2.2-21]); a v3.1.1 client keeps its own
+        # value, or a conformant client pinging at its own interval would be cut off.
+        if self._v5 and cfg.max_keepalive and (keepalive == 0 or keepalive > cfg.max_keepalive):
             keepalive = server_keepalive = cfg.max_keepalive
         self._keepalive = float(keepalive)
         props = Properties()

@@ -1,0 +1,518 @@
+"""The MQTT listener against the MQTT 3.1.1 and 5.0 specifications, with real clients (paho-mqtt,
+mosquitto_pub/sub) and a raw-socket client built on the codec's ``MqttClientCodec`` for what real clients
+cannot produce: persistent sessions and redelivery with DUP, keepalive and Server Keep Alive, shared
+subscriptions, topic aliases both ways, subscription options, Receive Maximum both ways, Maximum Packet Size
+both ways, message expiry, will delay, session takeover, ``$``-topics, QoS 2 exactly once, protocol
+violations, a TLS listener with the client certificate as principal, and bridging to a grpcio upstream.
+
+The normative statement each test checks is named ``[MQTT-x.x.x-y]`` (OASIS MQTT 5.0 numbering, 3.1.1 where
+it differs). "Nothing arrives" is checked with a marker message sent afterwards on the same path: the first
+message seen must be the marker.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from peers import configs as C
+from peers.agent import Agent
+from peers.certs import CertBundle
+from peers.common import wait_for
+
+from microenvoy.codecs.mqtt.codec import MqttClientCodec, encode_packet
+from microenvoy.codecs.mqtt.packets import (
+    EMPTY_PROPERTIES,
+    Connack,
+    Connect,
+    Disconnect,
+    Packet,
+    Pingreq,
+    Pingresp,
+    Properties,
+    ProtocolViolation,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Suback,
+    Subscribe,
+    Subscription,
+    Will,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+MQTT_TYPE = "type.googleapis.com/microenvoy.extensions.filters.network.mqtt_proxy.v1.MqttProxy"
+P = TypeVar("P")
+
+MAX_PACKET = 1024
+RECEIVE_MAXIMUM = 3
+TOPIC_ALIAS_MAXIMUM = 4
+MAX_INFLIGHT = 4
+
+
+# ============================================================================================ raw client
+class Closed(Exception):
+    """The server closed the connection while a packet was expected."""
+
+
+class RawClient:
+    """A blocking MQTT client on a plain (or TLS) socket: packets are encoded with ``encode_packet`` and
+    decoded with ``MqttClientCodec``, so it can send anything, including what the spec forbids."""
+
+    def __init__(self, port: int, version: int = 5, *, tls: ssl.SSLContext | None = None) -> None:
+        self.version = version
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname="localhost")
+        self.sock = sock
+        self.codec = MqttClientCodec(version)
+        self.inbox: deque[Packet | ProtocolViolation] = deque()
+        self.eof = False
+        self.connack: Connack | None = None
+
+    # -- sending ------------------------------------------------------------------------------------
+    def send(self, *packets: Packet) -> None:
+        self.sock.sendall(b"".join(encode_packet(p, self.version) for p in packets))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def connect(
+        self,
+        client_id: str,
+        *,
+        clean: bool = True,
+        keepalive: int = 60,
+        properties: Properties = EMPTY_PROPERTIES,
+        will: Will | None = None,
+    ) -> Connack:
+        self.send(Connect(self.version, client_id, clean, keepalive, None, None, will, properties))
+        self.connack = self.expect(Connack)
+        return self.connack
+
+    def subscribe(
+        self, *subs: Subscription, packet_id: int = 1, sub_id: int | None = None
+    ) -> tuple[int, ...]:
+        props = Properties(subscription_identifiers=(sub_id,)) if sub_id else EMPTY_PROPERTIES
+        self.send(Subscribe(packet_id, subs, props))
+        suback = self.expect(Suback)
+        assert suback.packet_id == packet_id
+        return suback.reason_codes
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        *,
+        packet_id: int = 1,
+        retain: bool = False,
+        **props: Any,
+    ) -> int | None:
+        """Publish and complete the QoS flow; the PUBACK/PUBREC reason (None for QoS 0)."""
+        properties = Properties(**props) if props else EMPTY_PROPERTIES
+        self.send(Publish(topic, payload, qos, retain, False, packet_id if qos else None, properties))
+        if qos == 0:
+            return None
+        if qos == 1:
+            ack = self.expect(Puback)
+            assert ack.packet_id == packet_id
+            return ack.reason_code
+        rec = self.expect(Pubrec)
+        assert rec.packet_id == packet_id
+        if rec.reason_code < 0x80:
+            self.send(Pubrel(packet_id))
+            comp = self.expect(Pubcomp)
+            assert comp.packet_id == packet_id
+        return rec.reason_code
+
+    def disconnect(self, reason: int = 0, **props: Any) -> None:
+        self.send(Disconnect(reason, Properties(**props) if props else EMPTY_PROPERTIES))
+        self.wait_closed()
+        self.close()
+
+    # -- receiving ----------------------------------------------------------------------------------
+    def _fill(self, deadline: float) -> bool:
+        """Read once (until ``deadline``); False on timeout. Sets ``eof`` when the server closed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return False
+        except (ConnectionResetError, ssl.SSLError, OSError):
+            data = b""
+        if not data:
+            self.eof = True
+            return True
+        self.inbox.extend(self.codec.receive_data(data))
+        return True
+
+    def recv(self, timeout: float = 5.0) -> Packet:
+        """The next packet; ``Closed`` if the server closed first, ``TimeoutError`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.inbox:
+            if self.eof:
+                raise Closed("the server closed the connection")
+            if not self._fill(deadline):
+                raise TimeoutError(f"no packet within {timeout}s")
+        item = self.inbox.popleft()
+        if isinstance(item, ProtocolViolation):
+            raise AssertionError(f"the server sent a malformed packet: {item}")
+        return item
+
+    def expect(self, cls: type[P], timeout: float = 5.0) -> P:
+        packet = self.recv(timeout)
+        assert isinstance(packet, cls), f"expected {cls.__name__}, got {packet!r}"
+        return packet
+
+    def wait_closed(self, timeout: float = 5.0) -> list[Packet]:
+        """Read until the server closes; returns the packets that came before (the socket is closed)."""
+        deadline = time.monotonic() + timeout
+        got: list[Packet] = []
+        while True:
+            while self.inbox:
+                item = self.inbox.popleft()
+                assert not isinstance(item, ProtocolViolation), item
+                got.append(item)
+            if self.eof:
+                self.close()
+                return got
+            if not self._fill(deadline):
+                raise TimeoutError(f"still open after {timeout}s; received {got!r}")
+
+    def close(self) -> None:
+        """Drop the connection without DISCONNECT."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sub(topic_filter: str, qos: int = 0, **options: Any) -> Subscription:
+    return Subscription(topic_filter, qos, **options)
+
+
+def first_publish(c: RawClient, timeout: float = 5.0) -> Publish:
+    """The next PUBLISH (acknowledging nothing)."""
+    return c.expect(Publish, timeout)
+
+
+def receive_until_marker(c: RawClient, marker_topic: str, timeout: float = 5.0) -> list[Publish]:
+    """PUBLISHes received before the marker (QoS 1 ones are acknowledged)."""
+    got: list[Publish] = []
+    while True:
+        p = c.expect(Publish, timeout)
+        if p.qos == 1 and p.packet_id is not None:
+            c.send(Puback(p.packet_id))
+        if p.topic == marker_topic:
+            return got
+        got.append(p)
+
+
+def wait_until(when: float) -> None:
+    """Let the clock pass ``when`` (expiry and delay intervals are the spec's, in whole seconds)."""
+    wait_for(
+        lambda: time.monotonic() >= when, when - time.monotonic() + 5, interval=0.05, message="the clock"
+    )
+
+
+# ============================================================================================= fixtures
+def mqtt_listener(name: str, *, tls: dict[str, Any] | None = None, **cfg: Any) -> dict[str, Any]:
+    f = {
+        "name": "microenvoy.filters.network.mqtt_proxy",
+        "typed_config": {"@type": MQTT_TYPE, "stat_prefix": name, **cfg},
+    }
+    chain: dict[str, Any] = {"filters": [f]}
+    if tls is not None:
+        chain["transport_socket"] = tls
+    return {"name": name, "address": C.socket_address(0, protocol="TCP"), "filter_chains": [chain]}
+
+
+class GrpcSink:
+    """A grpcio server answering any unary method with an empty message; records (method, request bytes,
+    metadata). A request whose bytes contain ``deny`` is refused with PERMISSION_DENIED."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes, dict[str, str]]] = []
+        self._lock = threading.Lock()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc-sink"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        self.server.add_generic_rpc_handlers((self,))  # type: ignore[arg-type]
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method  # type: ignore[attr-defined]
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            md = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+            with self._lock:
+                self.calls.append((method, request, md))
+            if b"deny" in request:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "denied")
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    def requests(self, method: str) -> list[bytes]:
+        with self._lock:
+            return [r for m, r, _ in self.calls if m == method]
+
+    def stop(self) -> None:
+        self.server.stop(grace=None).wait(5)
+
+
+@pytest.fixture(scope="module")
+def grpc_sink() -> Iterator[GrpcSink]:
+    s = GrpcSink()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def mq(module_agent: Any, certs: CertBundle, grpc_sink: GrpcSink) -> Agent:
+    limits = {
+        "max_packet_size": MAX_PACKET,
+        "receive_maximum": RECEIVE_MAXIMUM,
+        "topic_alias_maximum": TOPIC_ALIAS_MAXIMUM,
+        "max_inflight_messages": MAX_INFLIGHT,
+        "max_session_expiry_interval": 3600,
+    }
+    tls_auth = {
+        "principal_from_certificate": "cn",
+        "acl": [{"access": "readwrite", "topic": "devices/%u/#"}],
+    }
+    grpc_routes = [
+        {"name": "raw", "match": {"topic_filter": "grpc/raw/{device}"},
+         "route": {"cluster": "sink", "timeout": "5s", "grpc": {"method": "/iot.v1.Ingest/Raw"}}},
+        {"name": "env", "match": {"topic_filter": "grpc/env/#"},
+         "route": {"cluster": "sink", "timeout": "5s",
+                   "grpc": {"method": "/iot.v1.Ingest/Envelope", "encoding": "envelope"}}},
+    ]  # fmt: skip
+    listeners = [
+        mqtt_listener("cf", **limits),
+        mqtt_listener("ka", max_keepalive=1),
+        mqtt_listener("tls", tls=C.downstream_tls(certs, alpn=(), require_client_cert=True), auth=tls_auth),
+        mqtt_listener("br", routes=grpc_routes),
+    ]
+    config = C.bootstrap(listeners, [C.cluster("sink", grpc_sink.port, http2=True)])
+    return module_agent(config, name="mqtt-conformance")
+
+
+_ids = iter(range(1, 1 << 30))
+
+
+def cid(prefix: str) -> str:
+    """A client id unique in this module (sessions outlive tests)."""
+    return f"{prefix}-{next(_ids)}"
+
+
+def persistent(version: int) -> dict[str, Any]:
+    """CONNECT arguments for a session that outlives the connection (v5: Session Expiry 300)."""
+    if version == 5:
+        return {"clean": False, "properties": Properties(session_expiry_interval=300)}
+    return {"clean": False}
+
+
+# ================================================================================== persistent sessions
+@pytest.mark.parametrize("version", [4, 5])
+def test_persistent_session_queues_and_redelivers_with_dup(mq: Agent, version: int) -> None:
+    """[MQTT-3.1.2-4/5] Clean Start 0 resumes the session, CONNACK Session Present 1 [MQTT-3.2.2-2];
+    unacknowledged PUBLISHes are sent again with DUP 1 and PUBRELs again, in order [MQTT-4.4.0-1]
+    [MQTT-3.3.1-1]; messages published while offline are delivered [MQTT-3.1.2-5]; Clean Start 1 discards
+    the session [MQTT-3.1.2-4] (Session Present 0 [MQTT-3.2.2-1])."""
+    port = mq.port("cf")
+    name = cid(f"ps{version}")
+    topic = f"ps/{name}"
+    s = RawClient(port, version)
+    assert s.connect(name, **persistent(version)).session_present is False
+    assert s.subscribe(sub(f"{topic}/#", 2)) == (2,)
+    with RawClient(port, 5) as pub:
+        pub.connect(cid("pspub"))
+        assert pub.publish(f"{topic}/a", b"a", 1) == 0
+        p1 = first_publish(s)  # QoS 1, never acknowledged
+        assert pub.publish(f"{topic}/b", b"b", 2, packet_id=2) == 0
+        p2 = first_publish(s)
+        assert (p1.topic, p1.qos, p1.dup, p2.topic, p2.qos) == (f"{topic}/a", 1, False, f"{topic}/b", 2)
+        assert p1.packet_id is not None
+        assert p2.packet_id is not None
+        s.send(Pubrec(p2.packet_id))
+        assert s.expect(Pubrel).packet_id == p2.packet_id  # PUBCOMP never sent
+        s.close()
+        wait_for(lambda: mq.stat("mqtt.cf.cx_active") <= 1, 10, message="the subscriber's close seen")
+        # Offline: queued for the session.
+        assert pub.publish(f"{topic}/c", b"c", 1, packet_id=3) == 0
+        assert pub.publish(f"{topic}/d", b"d", 2, packet_id=4) == 0
+    s = RawClient(port, version)
+    assert s.connect(name, **persistent(version)).session_present is True
+    redelivered = s.expect(Publish)
+    assert (redelivered.topic, redelivered.payload, redelivered.dup) == (f"{topic}/a", b"a", True)
+    assert redelivered.packet_id == p1.packet_id
+    assert s.expect(Pubrel).packet_id == p2.packet_id
+    c = s.expect(Publish)
+    d = s.expect(Publish)
+    assert [(c.topic, c.qos, c.dup), (d.topic, d.qos, d.dup)] == [
+        (f"{topic}/c", 1, False),
+        (f"{topic}/d", 2, False),
+    ]
+    assert c.packet_id is not None
+    assert d.packet_id is not None
+    s.send(Puback(p1.packet_id), Pubcomp(p2.packet_id), Puback(c.packet_id), Pubrec(d.packet_id))
+    assert s.expect(Pubrel).packet_id == d.packet_id
+    s.send(Pubcomp(d.packet_id))
+    s.disconnect()
+    # Clean Start 1: the old session is gone, so is its subscription.
+    with RawClient(port, version) as s2:
+        props = Properties(session_expiry_interval=300) if version == 5 else EMPTY_PROPERTIES
+        assert s2.connect(name, clean=True, properties=props).session_present is False
+        s2.disconnect()
+    with RawClient(port, version) as s3:
+        # v5: the Clean Start 1 session (expiry 300) was kept; v3.1.1: Clean Session 1 ended with it.
+        assert s3.connect(name, **persistent(version)).session_present is (version == 5)
+        with RawClient(port, 5) as pub:
+            pub.connect(cid("pspub"))
+            assert pub.publish(f"{topic}/e", b"e", 1) == 0x10  # No matching subscribers [MQTT-3.3.4-?]
+        s3.disconnect()
+
+
+def test_v5_session_expiry_is_honoured(mq: Agent) -> None:
+    """A session ends Session Expiry Interval seconds after its connection closed [MQTT-3.1.2-23]; the
+    DISCONNECT may lower it [MQTT-3.14.2-?]; a CONNECT with Clean Start 0 afterwards gets Session Present 0
+    and no messages."""
+    port = mq.port("cf")
+    name = cid("exp")
+    before = mq.stat("mqtt.cf.sessions_expired")
+    with RawClient(port) as s:
+        s.connect(name, clean=False, properties=Properties(session_expiry_interval=300))
+        assert s.subscribe(sub(f"exp/{name}", 1)) == (1,)
+        s.disconnect(session_expiry_interval=1)
+    gone_at = time.monotonic() + 1
+    with RawClient(port) as pub:
+        pub.connect(cid("exppub"))
+        assert pub.publish(f"exp/{name}", b"queued", 1) == 0  # the session still exists
+    mq.wait_stat("mqtt.cf.sessions_expired", before + 1, timeout=10)
+    assert time.monotonic() >= gone_at - 0.1
+    with RawClient(port) as s:
+        assert (
+            s.connect(name, clean=False, properties=Properties(session_expiry_interval=300)).session_present
+            is False
+        )
+        s.send(Pingreq())
+        assert isinstance(s.recv(), Pingresp)  # nothing was queued for the new session
+        s.disconnect()
+
+
+def test_v5_disconnect_cannot_set_expiry_after_zero(mq: Agent) -> None:
+    """A DISCONNECT with a non-zero Session Expiry Interval after a CONNECT with zero is a Protocol Error
+    [MQTT-3.14.2-2]: the server answers DISCONNECT 0x82."""
+    with RawClient(mq.port("cf")) as c:
+        c.connect(cid("dz"))
+        c.send(Disconnect(0, Properties(session_expiry_interval=10)))
+        got = c.wait_closed()
+    assert got == [Disconnect(0x82)]
+
+
+# ============================================================================================ keepalive
+@pytest.mark.parametrize("version", [4, 5])
+def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(mq: Agent, version: int) -> None:
+    """No packet within 1.5 x Keep Alive: the server closes the connection [MQTT-3.1.2-22] (3.1.1:
+    [MQTT-3.1.2-24]), v5 with DISCONNECT 0x8D first, and publishes the will [MQTT-3.1.2-8]."""
+    port = mq.port("cf")
+    name = cid(f"ka{version}")
+    before = mq.stat("mqtt.cf.keepalive_timeout")
+    with RawClient(port, 5) as watcher:
+        watcher.connect(cid("kaw"))
+        watcher.subscribe(sub(f"kawill/{name}", 1))
+        with RawClient(port, version) as c:
+            c.connect(name, keepalive=1, will=Will(f"kawill/{name}", b"silent", 1))
+            t0 = time.monotonic()
+            got = c.wait_closed(timeout=6)
+            elapsed = time.monotonic() - t0
+        assert got == ([Disconnect(0x8D)] if version == 5 else [])
+        assert 1.4 <= elapsed < 4.0, elapsed
+        will = first_publish(watcher)
+        assert (will.topic, will.payload) == (f"kawill/{name}", b"silent")
+    assert mq.stat("mqtt.cf.keepalive_timeout") >= before + 1
+
+
+def test_server_keep_alive(mq: Agent) -> None:
+    """max_keepalive: a v5 client asking for more (or 0) gets Server Keep Alive in CONNACK and must use it
+    [MQTT-3.2.2-21]; the server holds it to that value. A v3.1.1 client cannot be told, so its own Keep Alive
+    stands (a conformant client pinging at its own interval is not cut off)."""
+    port = mq.port("ka")
+    with (
+        RawClient(port) as v5_zero,
+        RawClient(port) as v5_long,
+        RawClient(port) as v5_short,
+        RawClient(port, 4) as v311,
+    ):
+        assert v5_zero.connect(cid("sk0"), keepalive=0).properties.server_keep_alive == 1
+        assert v5_long.connect(cid("sk60"), keepalive=60).properties.server_keep_alive == 1
+        assert v5_short.connect(cid("sk1"), keepalive=1).properties.server_keep_alive is None
+        assert v311.connect(cid("sk311"), keepalive=60).reason_code == 0
+        t0 = time.monotonic()
+        assert v5_zero.wait_closed(6) == [Disconnect(0x8D)]
+        assert v5_long.wait_closed(6) == [Disconnect(0x8D)]
+        assert time.monotonic() - t0 >= 1.4
+        wait_until(t0 + 2.0)
+        v311.send(Pingreq())
+        assert isinstance(v311.recv(), Pingresp)  # still connected after 1.5 x the server's maximum
+        v311.disconnect()
+
+
+def test_pingreq_keeps_the_connection_alive(mq: Agent) -> None:
+    """PINGREQ is answered with PINGRESP [MQTT-3.12.4-1] and counts as activity for the keepalive."""
+    with RawClient(mq.port("cf")) as c:
+        c.connect(cid("ping"), keepalive=1)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:  # past 1.5 x keepalive, pinging every 0.5 s
+            c.send(Pingreq())
+            assert isinstance(c.recv(), Pingresp)
+            wait_until(time.monotonic() + 0.5)
+        c.disconnect()
+
+
+# ============================================================================================= takeover
+@pytest.mark.parametrize("version", [4, 5])
+def test_takeover_disconnects_the_first_connection(mq: Agent, version: int) -> None:
+    """A second CONNECT with the same Client Identifier: the server disconnects the existing client
+    [MQTT-3.1.4-3], v5 with DISCONNECT 0x8E; the session continues (Session Present 1)."""
+    port = mq.port("cf")
+    name = cid(f"to{version}")
+    before = mq.stat("mqtt.cf.sessions_taken_over")
+    with RawClient(port, version) as first, RawClient(port, version) as second:
+        first.connect(name, **persistent(version))
+        assert first.subscribe(sub(f"to/{name}", 1)) == (1,)
+        assert second.connect(name, **persistent(version)).session_present is True
+        assert first.wait_closed() == ([Disconnect(0x8E)] if version == 5 else [])
+        with RawClient(port) as pub:
+            pub.connect(cid("topub"))
+            assert pub.publish(f"to/{name}", b"x", 1) == 0
+        p = first_publish(second)  # the subscription moved with the session
+        assert p.topic == f"to/{name}"
+        second.send(Puback(p.packet_id or 0))
+        second.disconnect()
+    assert mq.stat("mqtt.cf.sessions_taken_over") >= before + 1
