@@ -52,7 +52,15 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import mqttload  # noqa: E402
-from procs import Procs, die_with_parent, free_port, listener_ports, listening, wait_for  # noqa: E402
+from procs import (  # noqa: E402
+    Procs,
+    agent_config,
+    die_with_parent,
+    free_port,
+    listener_ports,
+    listening,
+    wait_for,
+)
 
 __all__ = ["TARGETS", "Bench", "main", "markdown_tables", "microenvoy_mqtt_config"]
 
@@ -81,11 +89,40 @@ def microenvoy_mqtt_config(
       ``nginx_port`` (nginx answers every request 200), QoS 1 acknowledged after the upstream's 2xx;
       ``batching``: the route's ``batch`` (e.g. ``max_messages`` 64, ``max_delay`` 5 ms).
     """
-    raise NotImplementedError(
-        "microenvoy_mqtt_config() in bench/mqtt_run.py is not written yet: it must return the agent config"
-        " for the MQTT listener (local broker, or bridge to nginx h2c with/without batching; see its"
-        " docstring). Until then run only --targets mosquitto."
-    )
+    mqtt: dict[str, Any] = {
+        "@type": "type.googleapis.com/microenvoy.extensions.filters.network.mqtt_proxy.v1.MqttProxy",
+        "stat_prefix": "bench",
+        "receive_maximum": max(64, receive_maximum),
+        "max_inflight_messages": 1024,
+        "max_queued_messages": 100000,
+    }
+    if mode == "bridge":
+        route: dict[str, Any] = {"cluster": "upstream", "path": "/v1/{device}", "timeout": "10s"}
+        if batching:
+            # Batches group messages by request path: one ingest path (the topics travel in the body) lets
+            # every device's messages share a batch.
+            route["path"] = "/v1/telemetry"
+            route["batch"] = {"max_messages": 64, "max_delay": "0.005s"}
+        mqtt["routes"] = [
+            {"name": "telemetry", "match": {"topic_filter": "devices/{device}/telemetry"}, "route": route}
+        ]
+    elif mode != "local":
+        raise ValueError(f"unknown mode {mode!r}")
+    listener = {
+        "name": MQTT_LISTENER,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [
+            {"filters": [{"name": "microenvoy.filters.network.mqtt_proxy", "typed_config": mqtt}]}
+        ],
+    }
+    h2 = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    ports = [nginx_port] if mode == "bridge" else [1]
+    return agent_config(listener, "upstream", ports, typed_extension_protocol_options=h2)
 
 
 # ---------------------------------------------------------------------------------------------- targets
