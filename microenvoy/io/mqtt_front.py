@@ -250,6 +250,10 @@ class MqttConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._acks: deque[_PendingAck] = deque()
         self._unacked = 0
+        """Incoming QoS 1/2 PUBLISHes counting against our Receive Maximum: QoS 1 until its PUBACK, QoS 2
+        until its PUBCOMP (or a negative PUBREC)."""
+        self._qos2_open: set[int] = set()
+        """Packet ids of incoming QoS 2 PUBLISHes on this connection not yet completed by PUBCOMP."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx: BridgeContext | None = None
         self._counted = False
@@ -426,6 +430,9 @@ class MqttConnection(asyncio.Protocol):
                 self.front.broker.pubrec(self.client_id, p.packet_id, p.reason_code, time.monotonic())
             )
         elif isinstance(p, Pubrel):
+            if p.packet_id in self._qos2_open:
+                self._qos2_open.discard(p.packet_id)
+                self._unacked -= 1
             ok = self.front.broker.pubrel(self.client_id, p.packet_id)
             self._send(Pubcomp(p.packet_id, 0 if ok else ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
         elif isinstance(p, Pubcomp):
@@ -601,12 +608,15 @@ class MqttConnection(asyncio.Protocol):
         pending: _PendingAck | None = None
         if p.qos:
             assert p.packet_id is not None
-            if self._unacked >= front.config.receive_maximum and self._v5:
-                self._close(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-9]
-                return
+            if not (p.qos == 2 and p.packet_id in self._qos2_open):  # a QoS 2 retransmission counts once
+                if self._unacked >= front.config.receive_maximum and self._v5:
+                    self._close(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # section 3.3.4, [MQTT-3.3.4-7]
+                    return
+                self._unacked += 1
+                if p.qos == 2:
+                    self._qos2_open.add(p.packet_id)
             pending = _PendingAck(p.packet_id, p.qos)
             self._acks.append(pending)
-            self._unacked += 1
         if bridged and len(self._tasks) < _MAX_BRIDGE_TASKS:
             if pending is not None:
                 front.stats.acks_delayed.inc()
@@ -673,8 +683,12 @@ class MqttConnection(asyncio.Protocol):
         acks = self._acks
         while acks and acks[0].done:
             a = acks.popleft()
-            self._unacked -= 1
             code = a.reason
+            if a.qos == 1:
+                self._unacked -= 1
+            elif code >= 0x80 and a.packet_id in self._qos2_open:
+                self._qos2_open.discard(a.packet_id)  # a negative PUBREC ends the QoS 2 flow
+                self._unacked -= 1
             if code >= 0x80:
                 self.front.stats.acks_negative.inc()
                 if not self._v5:

@@ -516,3 +516,96 @@ def test_takeover_disconnects_the_first_connection(mq: Agent, version: int) -> N
         second.send(Puback(p.packet_id or 0))
         second.disconnect()
     assert mq.stat("mqtt.cf.sessions_taken_over") >= before + 1
+
+
+# ===================================================================================== receive maximum
+def test_client_exceeding_our_receive_maximum_gets_0x93(mq: Agent) -> None:
+    """CONNACK carries our Receive Maximum; a client with more QoS 2 PUBLISHes unacknowledged than that
+    (PUBREC sent, PUBCOMP not yet: no PUBREL from it) is disconnected with 0x93 (section 3.3.4,
+    [MQTT-3.3.4-7])."""
+    with RawClient(mq.port("cf")) as c:
+        assert c.connect(cid("rmin")).properties.receive_maximum == RECEIVE_MAXIMUM
+        for pid in range(1, RECEIVE_MAXIMUM + 1):
+            c.send(Publish(f"rmin/{pid}", b"x", 2, False, False, pid))
+            assert c.expect(Pubrec).packet_id == pid
+        c.send(Publish("rmin/over", b"x", 2, False, False, RECEIVE_MAXIMUM + 1))
+        assert c.wait_closed() == [Disconnect(0x93)]
+
+
+def test_client_within_our_receive_maximum_is_served(mq: Agent) -> None:
+    """Completing QoS 2 flows frees the quota: more than Receive Maximum messages in sequence are fine."""
+    with RawClient(mq.port("cf")) as c:
+        c.connect(cid("rmok"))
+        for pid in range(1, 2 * RECEIVE_MAXIMUM + 2):
+            assert c.publish(f"rmok/{pid}", b"x", 2, packet_id=pid) in (0, 0x10)
+        c.disconnect()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_inflight_window_towards_a_client(mq: Agent, version: int) -> None:
+    """We never have more unacknowledged QoS 1/2 PUBLISHes to a client than its Receive Maximum
+    [MQTT-3.3.4-9] (v3.1.1: our max_inflight_messages); QoS 0 is not limited; each PUBACK lets one more
+    out."""
+    port = mq.port("cf")
+    window = 2 if version == 5 else MAX_INFLIGHT
+    topic = cid(f"win{version}")
+    with RawClient(port, version) as c, RawClient(port) as pub:
+        props = Properties(receive_maximum=2) if version == 5 else EMPTY_PROPERTIES
+        c.connect(cid("winc"), properties=props)
+        c.subscribe(sub(f"{topic}/#", 1))
+        pub.connect(cid("winp"))
+        total = window + 3
+        for i in range(total):
+            assert pub.publish(f"{topic}/{i}", b"m", 1, packet_id=i + 1) == 0
+        pub.publish(f"{topic}/marker", b"", 0)
+        got = []
+        while True:
+            p = first_publish(c)
+            if p.topic.endswith("/marker"):
+                break
+            got.append(p)
+        assert [p.topic for p in got] == [f"{topic}/{i}" for i in range(window)]
+        c.send(Puback(got[0].packet_id or 0))
+        nxt = first_publish(c)
+        assert nxt.topic == f"{topic}/{window}"  # exactly one more
+        for p in [*got[1:], nxt]:
+            c.send(Puback(p.packet_id or 0))
+        rest = [first_publish(c) for _ in range(total - window - 1)]
+        assert [p.topic for p in rest] == [f"{topic}/{i}" for i in range(window + 1, total)]
+        for p in rest:
+            c.send(Puback(p.packet_id or 0))
+        c.disconnect()
+
+
+# ================================================================================= maximum packet size
+@pytest.mark.parametrize("version", [4, 5])
+def test_publish_over_our_maximum_packet_size(mq: Agent, version: int) -> None:
+    """CONNACK carries Maximum Packet Size; a bigger packet is a violation: v5 DISCONNECT 0x95
+    [MQTT-3.2.2-?]/section 3.2.2.3.6, v3.1.1 close; counted."""
+    before = mq.stat("mqtt.cf.packet_too_large")
+    with RawClient(mq.port("cf"), version) as c:
+        ack = c.connect(cid(f"big{version}"))
+        if version == 5:
+            assert ack.properties.maximum_packet_size == MAX_PACKET
+        c.send(Publish("big/x", b"x" * MAX_PACKET, 1, False, False, 1))
+        assert c.wait_closed() == ([Disconnect(0x95)] if version == 5 else [])
+    mq.wait_stat("mqtt.cf.packet_too_large", before + 1)
+
+
+def test_messages_over_the_clients_maximum_packet_size_are_not_sent(mq: Agent) -> None:
+    """The server MUST NOT send packets larger than the client's Maximum Packet Size; it discards them as if
+    delivered [MQTT-3.1.2-24] [MQTT-3.1.2-25]; counted."""
+    port = mq.port("cf")
+    topic = cid("cmps")
+    before = mq.stat("mqtt.cf.dropped_too_large")
+    with RawClient(port) as c, RawClient(port) as pub:
+        c.connect(cid("cmpsc"), properties=Properties(maximum_packet_size=200))
+        c.subscribe(sub(f"{topic}/#", 1))
+        pub.connect(cid("cmpsp"))
+        assert pub.publish(f"{topic}/big1", b"x" * 300, 1) == 0
+        assert pub.publish(f"{topic}/big0", b"x" * 300, 0) is None
+        assert pub.publish(f"{topic}/small", b"ok", 1, packet_id=2) == 0
+        p = first_publish(c)
+        assert (p.topic, p.payload) == (f"{topic}/small", b"ok")
+        c.disconnect()
+    assert mq.stat("mqtt.cf.dropped_too_large") >= before + 2
