@@ -27,6 +27,7 @@ from peers import configs as C
 from peers.agent import Agent
 from peers.certs import CertBundle
 from peers.common import wait_for
+from peers.mqtt_clients import PahoClient
 
 from microenvoy.codecs.mqtt.codec import MqttClientCodec, encode_packet
 from microenvoy.codecs.mqtt.packets import (
@@ -126,14 +127,14 @@ class RawClient:
         if qos == 0:
             return None
         if qos == 1:
-            ack = self.expect(Puback)
+            ack = self.expect(Puback, set_aside_publish=True)
             assert ack.packet_id == packet_id
             return ack.reason_code
-        rec = self.expect(Pubrec)
+        rec = self.expect(Pubrec, set_aside_publish=True)
         assert rec.packet_id == packet_id
         if rec.reason_code < 0x80:
             self.send(Pubrel(packet_id))
-            comp = self.expect(Pubcomp)
+            comp = self.expect(Pubcomp, set_aside_publish=True)
             assert comp.packet_id == packet_id
         return rec.reason_code
 
@@ -174,10 +175,20 @@ class RawClient:
             raise AssertionError(f"the server sent a malformed packet: {item}")
         return item
 
-    def expect(self, cls: type[P], timeout: float = 5.0) -> P:
-        packet = self.recv(timeout)
-        assert isinstance(packet, cls), f"expected {cls.__name__}, got {packet!r}"
-        return packet
+    def expect(self, cls: type[P], timeout: float = 5.0, *, set_aside_publish: bool = False) -> P:
+        """The next packet, which must be a ``cls``. With ``set_aside_publish`` PUBLISHes received first are
+        kept (in order) for the next ``recv`` (an ack may follow deliveries that the same PUBLISH caused)."""
+        aside: list[Packet] = []
+        try:
+            while True:
+                packet = self.recv(timeout)
+                if set_aside_publish and isinstance(packet, Publish) and cls is not Publish:
+                    aside.append(packet)
+                    continue
+                assert isinstance(packet, cls), f"expected {cls.__name__}, got {packet!r}"
+                return packet
+        finally:
+            self.inbox.extendleft(reversed(aside))
 
     def wait_closed(self, timeout: float = 5.0) -> list[Packet]:
         """Read until the server closes; returns the packets that came before (the socket is closed)."""
@@ -609,3 +620,240 @@ def test_messages_over_the_clients_maximum_packet_size_are_not_sent(mq: Agent) -
         assert (p.topic, p.payload) == (f"{topic}/small", b"ok")
         c.disconnect()
     assert mq.stat("mqtt.cf.dropped_too_large") >= before + 2
+
+
+# ======================================================================================== topic aliases
+def test_topic_alias_client_to_server_with_paho(mq: Agent) -> None:
+    """A client may set a Topic Alias with a topic and then send an empty topic with that alias
+    (section 3.3.2.3.4); the server resolves it for subscribers (who never see the client's alias)."""
+    port = mq.port("cf")
+    topic = f"tacs/{cid('t')}"
+    with RawClient(port) as s:
+        s.connect(cid("tacss"))
+        s.subscribe(sub(topic, 0))
+        paho = PahoClient(port, version=5, client_id=cid("tacsp"))
+        try:
+            assert paho.connect() == 0
+            assert paho.publish(topic, b"one", 1, properties={"TopicAlias": 1}) == 0
+            assert paho.publish("", b"two", 1, properties={"TopicAlias": 1}) == 0
+        finally:
+            paho.close()
+        got = [first_publish(s), first_publish(s)]
+    assert [(p.topic, p.payload, p.properties.topic_alias) for p in got] == [
+        (topic, b"one", None),
+        (topic, b"two", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("alias", "topic", "reason"),
+    [(TOPIC_ALIAS_MAXIMUM + 1, "tabad/x", 0x94), (0, "tabad/x", 0x94), (2, "", 0x82)],
+    ids=["over-maximum", "zero", "unknown"],
+)
+def test_invalid_topic_alias_is_a_disconnect(mq: Agent, alias: int, topic: str, reason: int) -> None:
+    """Topic Alias 0 or above our Topic Alias Maximum: DISCONNECT 0x94 [MQTT-3.2.2-17] [MQTT-3.3.2-8]
+    [MQTT-3.3.2-9]; an empty topic with an alias that has no mapping: Protocol Error 0x82."""
+    with RawClient(mq.port("cf")) as c:
+        assert c.connect(cid("tabad")).properties.topic_alias_maximum == TOPIC_ALIAS_MAXIMUM
+        c.send(Publish(topic, b"x", 0, properties=Properties(topic_alias=alias)))
+        assert c.wait_closed() == [Disconnect(reason)]
+
+
+def test_topic_alias_server_to_client(mq: Agent) -> None:
+    """With the client's Topic Alias Maximum > 0 the server may use aliases, never above that maximum
+    [MQTT-3.1.2-26]; the first use carries topic and alias, later ones may carry the alias only; with
+    Topic Alias Maximum 0 (absent) none is sent [MQTT-3.1.2-27]."""
+    port = mq.port("cf")
+    base = f"tasc/{cid('t')}"
+    topics = [f"{base}/a", f"{base}/a", f"{base}/b", f"{base}/c", f"{base}/a", f"{base}/c"]
+    with RawClient(port) as c, RawClient(port) as plain, RawClient(port) as pub:
+        c.connect(cid("tascc"), properties=Properties(topic_alias_maximum=2))
+        c.subscribe(sub(f"{base}/#", 0))
+        plain.connect(cid("tascplain"))
+        plain.subscribe(sub(f"{base}/#", 0))
+        pub.connect(cid("tascp"))
+        for i, t in enumerate(topics):
+            pub.publish(t, str(i).encode(), 0)
+        mapping: dict[int, str] = {}
+        resolved = []
+        for _ in topics:
+            p = first_publish(c)
+            alias = p.properties.topic_alias
+            assert alias is not None
+            assert 1 <= alias <= 2
+            if p.topic:
+                mapping[alias] = p.topic
+            else:
+                assert alias in mapping, "alias used before it was set"
+            resolved.append((mapping[alias], p.payload))
+            if p.payload == b"1":
+                assert p.topic == "", "the second message to the same topic uses the alias alone"
+        assert resolved == [(t, str(i).encode()) for i, t in enumerate(topics)]
+        for i, t in enumerate(topics):
+            p = first_publish(plain)
+            assert (p.topic, p.payload, p.properties.topic_alias) == (t, str(i).encode(), None)
+
+
+# =================================================================================== subscription options
+def test_no_local_and_subscription_identifiers(mq: Agent) -> None:
+    """No Local: the client's own PUBLISHes are not sent back to it [MQTT-3.8.3-3]; a Subscription
+    Identifier is returned with each matching PUBLISH [MQTT-3.3.4-3], all of them when several subscriptions
+    match [MQTT-3.3.4-4]/[MQTT-3.3.4-5]; a PUBLISH to another subscriber carries none of them."""
+    port = mq.port("cf")
+    base = f"nl/{cid('t')}"
+    with RawClient(port) as a, RawClient(port) as b:
+        a.connect(cid("nla"))
+        b.connect(cid("nlb"))
+        assert a.subscribe(sub(f"{base}/#", 1, no_local=True), sub_id=7) == (1,)
+        assert a.subscribe(sub(f"{base}/+/deep", 0), packet_id=2, sub_id=9) == (0,)
+        assert b.subscribe(sub(f"{base}/#", 0)) == (0,)
+        assert a.publish(f"{base}/own", b"own", 1) == 0  # b got it
+        assert first_publish(b).topic == f"{base}/own"
+        assert b.publish(f"{base}/other", b"x", 1) == 0
+        p = first_publish(a)  # not "own": No Local
+        assert (p.topic, p.properties.subscription_identifiers) == (f"{base}/other", (7,))
+        a.send(Puback(p.packet_id or 0))
+        assert b.publish(f"{base}/x/deep", b"y", 1, packet_id=2) == 0
+        p = first_publish(a)
+        assert p.topic == f"{base}/x/deep"
+        assert sorted(p.properties.subscription_identifiers) == [7, 9]
+        assert p.qos == 1  # the highest QoS of the overlapping subscriptions [MQTT-3.3.4-2]
+        a.send(Puback(p.packet_id or 0))
+        own = first_publish(b)
+        assert own.properties.subscription_identifiers == ()
+        a.disconnect()
+        b.disconnect()
+
+
+def test_retain_as_published_and_retain_handling(mq: Agent) -> None:
+    """Retained messages on subscribe carry RETAIN 1 [MQTT-3.3.1-9]; live messages keep RETAIN only with
+    Retain As Published [MQTT-3.3.1-12] [MQTT-3.3.1-13]; Retain Handling 0 sends retained messages on every
+    subscribe [MQTT-3.3.1-9], 1 only for a new subscription [MQTT-3.3.1-10], 2 never [MQTT-3.3.1-11]."""
+    port = mq.port("cf")
+    base = f"rap/{cid('t')}"
+    marker = f"{base}/zz-marker"
+    with RawClient(port) as pub:
+        pub.connect(cid("rapp"))
+        assert pub.publish(f"{base}/kept", b"old", 1, retain=True) == 0x10
+
+        def check(handling: int, resubscribe_sends: bool) -> None:
+            with RawClient(port) as c:
+                c.connect(cid(f"rh{handling}"))
+                c.subscribe(sub(f"{base}/+", 1, retain_handling=handling))
+                pub.publish(marker, b"", 0)
+                first = receive_until_marker(c, marker)
+                assert [(p.topic, p.retain) for p in first] == (
+                    [] if handling == 2 else [(f"{base}/kept", True)]
+                )
+                c.subscribe(sub(f"{base}/+", 1, retain_handling=handling), packet_id=2)
+                pub.publish(marker, b"", 0)
+                again = receive_until_marker(c, marker)
+                assert [(p.topic, p.retain) for p in again] == (
+                    [(f"{base}/kept", True)] if resubscribe_sends else []
+                )
+                c.disconnect()
+
+        check(0, True)
+        check(1, False)
+        check(2, False)
+        with RawClient(port) as rap, RawClient(port) as norap:
+            rap.connect(cid("rap1"))
+            norap.connect(cid("rap0"))
+            rap.subscribe(sub(f"{base}/live", 0, retain_as_published=True, retain_handling=2))
+            norap.subscribe(sub(f"{base}/live", 0, retain_handling=2))
+            pub.publish(f"{base}/live", b"now", 0, retain=True)
+            assert first_publish(rap).retain is True
+            assert first_publish(norap).retain is False
+            rap.disconnect()
+            norap.disconnect()
+        pub.publish(f"{base}/kept", b"", 1, retain=True)  # clears [MQTT-3.3.1-6]
+        pub.publish(f"{base}/live", b"", 1, retain=True, packet_id=2)
+        pub.disconnect()
+
+
+def test_retained_cleared_by_empty_payload_v311(mq: Agent) -> None:
+    """v3.1.1: a retained message is replaced and cleared by a zero-byte retained PUBLISH [MQTT-3.3.1-10]
+    (3.1.1 numbering); new subscribers then get nothing."""
+    port = mq.port("cf")
+    topic = f"r311/{cid('t')}"
+    with RawClient(port, 4) as pub:
+        pub.connect(cid("r311p"))
+        pub.publish(topic, b"v1", 1, retain=True)
+        pub.publish(topic, b"v2", 1, retain=True, packet_id=2)
+        with RawClient(port, 4) as c:
+            c.connect(cid("r311c"))
+            c.subscribe(sub(topic, 1))
+            p = first_publish(c)
+            assert (p.payload, p.retain) == (b"v2", True)
+            c.send(Puback(p.packet_id or 0))
+            c.disconnect()
+        pub.publish(topic, b"", 1, retain=True, packet_id=3)
+        with RawClient(port, 4) as c:
+            c.connect(cid("r311c"))
+            c.subscribe(sub(f"{topic}/../#".replace("/../#", ""), 1))
+            pub.publish(f"{topic}", b"live", 0)
+            p = first_publish(c)
+            assert (p.payload, p.retain) == (b"live", False)
+            c.disconnect()
+        pub.disconnect()
+
+
+# ============================================================================================ $-topics
+def test_dollar_topics_are_not_matched_by_leading_wildcards(mq: Agent) -> None:
+    """Topic filters starting with # or + do not match topic names starting with $ [MQTT-4.7.2-1]; a
+    filter starting with $ does."""
+    port = mq.port("cf")
+    tag = cid("d")
+    with RawClient(port) as wild, RawClient(port) as plus, RawClient(port) as dollar, RawClient(port) as pub:
+        for c in (wild, plus, dollar):
+            c.connect(cid("dol"))
+        wild.subscribe(sub("#", 0))
+        plus.subscribe(sub(f"+/{tag}", 0))
+        dollar.subscribe(sub(f"$SYS/{tag}", 0))
+        pub.connect(cid("dolp"))
+        pub.publish(f"$SYS/{tag}", b"sys", 0)
+        pub.publish(f"marker/{tag}", b"m", 0)
+        assert first_publish(dollar).topic == f"$SYS/{tag}"
+        wild_got = first_publish(wild)
+        while wild_got.topic != f"marker/{tag}":  # other tests' traffic may pass; never the $ one
+            assert wild_got.topic != f"$SYS/{tag}"
+            wild_got = first_publish(wild)
+        assert first_publish(plus).topic == f"marker/{tag}"
+
+
+# ============================================================================ QoS 2 exactly once inbound
+@pytest.mark.parametrize("version", [4, 5])
+def test_qos2_retransmission_before_pubrel_is_delivered_once(mq: Agent, version: int) -> None:
+    """Until PUBREL, a PUBLISH with the same Packet Identifier is answered with PUBREC and not delivered again
+    [MQTT-4.3.3-9]/[MQTT-4.3.3-10]; after PUBCOMP the identifier is a new message."""
+    port = mq.port("cf")
+    topic = f"eo/{cid('t')}"
+    with RawClient(port) as s, RawClient(port, version) as c:
+        s.connect(cid("eos"))
+        s.subscribe(sub(topic, 2))
+        c.connect(cid("eoc"))
+        c.send(Publish(topic, b"once", 2, False, False, 7))
+        assert c.expect(Pubrec).packet_id == 7
+        c.send(Publish(topic, b"once", 2, False, True, 7))  # DUP retransmission
+        assert c.expect(Pubrec).packet_id == 7
+        c.send(Pubrel(7))
+        assert c.expect(Pubcomp) == Pubcomp(7)
+        c.send(Publish(topic, b"again", 2, False, False, 7))  # the identifier is free again
+        assert c.expect(Pubrec).packet_id == 7
+        c.send(Pubrel(7))
+        assert c.expect(Pubcomp).packet_id == 7
+        c.send(Pubrel(99))  # unknown: PUBCOMP 0x92 in v5 [MQTT-3.7.2-?]
+        comp = c.expect(Pubcomp)
+        assert (comp.packet_id, comp.reason_code) == (99, 0x92 if version == 5 else 0)
+        got = []
+        for _ in range(2):
+            p = first_publish(s)
+            got.append(p.payload)
+            s.send(Pubrec(p.packet_id or 0))
+            s.expect(Pubrel, set_aside_publish=True)
+            s.send(Pubcomp(p.packet_id or 0))
+        s.send(Pingreq())
+        assert isinstance(s.recv(), Pingresp)  # no third copy before it
+        assert got == [b"once", b"again"]
+        c.disconnect()
+        s.disconnect()
