@@ -386,6 +386,7 @@ def test_acl_denials(auth_broker: MosquittoBroker, version: int) -> None:
         assert alice.publish("devices/dev1/up", b"4", 1) == 0
         assert alice.publish("devices/dev2/up", b"5", 1) == codes.publish_denied_qos1[version]
         assert alice.publish("alice/fence", b"6", 1) == 0
+        assert "Denied PUBLISH" in auth_broker.log_text()  # logged before the PUBACK went out
         got = observer.wait_messages(3)
         assert [(m.topic, m.payload) for m in got] == [
             ("alice/ok", b"1"),

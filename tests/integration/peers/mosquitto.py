@@ -3,7 +3,7 @@
     broker = MosquittoBroker(tmp_path).start()          # or: with MosquittoBroker(tmp_path) as broker: ...
     broker.port                                         # plain MQTT listener on 127.0.0.1
     broker.tls_port                                     # TLS listener (tls=CertBundle), 0 if none
-    broker.log_text()                                   # everything mosquitto logged (log_type all)
+    broker.log_text()                                   # everything mosquitto logged so far (log_type all)
     broker.stop()
 
 Options: ``users={"alice": "pw"}`` writes a password file with ``mosquitto_passwd -b`` (so the file is in
@@ -99,12 +99,19 @@ class MosquittoBroker:
     def acl_file(self) -> Path | None:
         return self.root / "acl" if self.acl is not None else None
 
+    @property
+    def output_file(self) -> Path:
+        return self.root / "mosquitto.out"
+
     def log_text(self) -> str:
-        """mosquitto's log so far (stdout and stderr)."""
-        try:
-            return self.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
+        """mosquitto's log so far (its log file, flushed per line, then its stdout/stderr)."""
+        text = ""
+        for path in (self.log_file, self.output_file):
+            try:
+                text += path.read_text(errors="replace")
+            except OSError:
+                pass
+        return text
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> MosquittoBroker:
@@ -117,9 +124,10 @@ class MosquittoBroker:
             if self.port == self.tls_port:
                 continue
             self.config_file.write_text(self._config())
-            with contextlib.suppress(FileNotFoundError):
-                self.log_file.unlink()
-            with self.log_file.open("wb") as log:
+            for path in (self.log_file, self.output_file):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            with self.output_file.open("wb") as log:
                 self.proc = subprocess.Popen(
                     [MOSQUITTO, "-c", str(self.config_file)],
                     stdout=log,
@@ -156,7 +164,7 @@ class MosquittoBroker:
             # Started as root, mosquitto would switch to the "mosquitto" user, which cannot read our files.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             "persistence false",
-            "log_dest stdout",
+            f"log_dest file {self.log_file}",
             "log_type all",
             "log_timestamp false",
             "per_listener_settings false",

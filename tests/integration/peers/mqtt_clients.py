@@ -402,7 +402,8 @@ class Received:
 
 
 class PahoClient:
-    """A paho-mqtt client driven by paho's network thread, with blocking calls that return wire codes."""
+    """A paho-mqtt client on paho's network thread (no automatic reconnect), with blocking calls that return
+    wire codes. paho does not report PUBREC reason codes: check a QoS 2 refusal with ``mosquitto_pub``."""
 
     def __init__(
         self,
@@ -461,7 +462,7 @@ class PahoClient:
         self.messages: list[Received] = []
         self._subacks: dict[int, list[int]] = {}
         self._acks: dict[int, int] = {}
-        self._started = False
+        self._thread_started = False
         c = self.client
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -469,6 +470,9 @@ class PahoClient:
         c.on_subscribe = self._on_subscribe
         c.on_unsubscribe = self._on_unsubscribe
         c.on_publish = self._on_publish
+        self.log: list[str] = []
+        """paho's log lines (the last ones are attached to errors)."""
+        c.on_log = self._on_log
 
     # -- callbacks (paho's network thread) ------------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -481,6 +485,9 @@ class PahoClient:
             self._cond.notify_all()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        # The socket is already closed: this only marks the client disconnected, so that paho's network
+        # thread does not reconnect by itself (an extra CONNECT no test asked for).
+        client.disconnect()
         with self._cond:
             self.connected = False
             self.disconnected = True
@@ -510,6 +517,16 @@ class PahoClient:
             self._subacks[mid] = [int(r.value) for r in reasons] if isinstance(reasons, list) else []
             self._cond.notify_all()
 
+    def _on_log(self, client: Any, userdata: Any, level: int, text: str) -> None:
+        with self._cond:
+            self.log.append(text)
+            del self.log[:-200]
+
+    def _error(self, message: str) -> MqttError:
+        with self._cond:
+            tail = "\n".join(self.log[-20:])
+        return MqttError(f"{message}\npaho log:\n{tail}")
+
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         with self._cond:
             self._acks[mid] = int(reason.value)
@@ -525,7 +542,7 @@ class PahoClient:
                     return value
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise MqttError(f"paho client: timed out after {timeout}s waiting for {what}")
+                    raise self._error(f"paho client: timed out after {timeout}s waiting for {what}")
                 self._cond.wait(min(left, 0.1))
 
     # -- blocking API ------------------------------------------------------------------------------
@@ -551,10 +568,8 @@ class PahoClient:
             self.disconnected = False
         rc = self.client.connect(self.host, self.port, self.keepalive, **kwargs)
         if rc != mqtt.MQTT_ERR_SUCCESS:
-            raise MqttError(f"paho connect failed: {rc}")
-        if not self._started:
-            self.client.loop_start()
-            self._started = True
+            raise self._error(f"paho connect failed: {rc}")
+        self._start_network()
         return self._wait(
             lambda: self.connack if self.connack is not None else (-1 if self.disconnected else None),
             timeout,
@@ -582,13 +597,13 @@ class PahoClient:
             target = list(topic_filter)
         rc, mid = self.client.subscribe(target)
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            raise MqttError(f"paho subscribe failed: {rc}")
+            raise self._error(f"paho subscribe failed: {rc}")
         return self._wait(lambda: self._subacks.get(mid), timeout, f"SUBACK {mid}")
 
     def unsubscribe(self, topic_filter: str, timeout: float = 10.0) -> list[int]:
         rc, mid = self.client.unsubscribe(topic_filter)
         if rc != self._mqtt.MQTT_ERR_SUCCESS or mid is None:
-            raise MqttError(f"paho unsubscribe failed: {rc}")
+            raise self._error(f"paho unsubscribe failed: {rc}")
         return self._wait(lambda: self._subacks.get(mid), timeout, f"UNSUBACK {mid}")
 
     def publish(
@@ -612,7 +627,7 @@ class PahoClient:
                 setattr(props, name, value)
         info = self.client.publish(topic, payload, qos, retain, props)
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
-            raise MqttError(f"paho publish failed: {info.rc}")
+            raise self._error(f"paho publish failed: {info.rc}")
         mid = info.mid
         return self._wait(lambda: self._acks.get(mid), timeout, f"acknowledgement of message {mid}")
 
@@ -630,23 +645,31 @@ class PahoClient:
 
     def disconnect(self, timeout: float = 10.0) -> None:
         """Send DISCONNECT (no will) and stop the network thread."""
-        if self._started:
+        with self._cond:
+            connected = self.connected
+        if connected:
             self.client.disconnect()
-            with self._cond:
-                connected = self.connected
-            if connected:
-                self.wait_disconnected(timeout)
-            self.client.loop_stop()
-            self._started = False
+            self.wait_disconnected(timeout)
+        self._stop_network()
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT (the broker publishes the will)."""
-        if self._started:
+        self._stop_network()
+
+    # -- the network thread ------------------------------------------------------------------------
+    def _start_network(self) -> None:
+        if self._thread_started:
+            return
+        self.client.loop_start()
+        self._thread_started = True
+
+    def _stop_network(self) -> None:
+        if self._thread_started:
             self.client.loop_stop()
-            self._started = False
-        sock = self.client.socket()
-        if sock is not None:
-            sock.close()
+            self._thread_started = False
+        # Close the connection socket and paho's wake-up socket pair now, not at garbage collection (the
+        # client sits in a reference cycle with our callbacks); paho's own __del__ does the same.
+        self.client._reset_sockets()
 
     # -- asyncio twins (``within``: the same deadline as the blocking call's ``timeout``) --------------
     async def aconnect(self, within: float = 10.0) -> int:
@@ -675,7 +698,7 @@ class PahoClient:
         """Disconnect if connected; always stops the network thread."""
         try:
             self.disconnect(5.0)
-        except MqttError:
+        finally:
             self.drop()
 
     def __enter__(self) -> PahoClient:
