@@ -27,6 +27,7 @@ import base64
 import binascii
 import contextvars
 import copy
+import dataclasses
 import ipaddress
 import json
 import os
@@ -169,6 +170,10 @@ def parse_bootstrap(doc: object, *, base_dir: str | None = None) -> Bootstrap:
         node = r.object("node", _parse_node) or Node()
         admin = r.object("admin", _parse_admin) or Admin()
         static = r.object("static_resources", _parse_static_resources) or StaticResources()
+        if any(c.mqtt_broker is not None for c in static.clusters):
+            from microenvoy.config.mqtt_cluster import with_node_id
+
+            static = dataclasses.replace(static, clusters=with_node_id(static.clusters, node.id))
         not_supported(r, "dynamic_resources layered_runtime overload_manager stats_sinks")
         r.finish()
         raw: dict[str, Any] = copy.deepcopy(dict(doc)) if isinstance(doc, Mapping) else {}
@@ -793,7 +798,13 @@ def _parse_network_filter(r: Reader) -> NetworkFilterConfig:
 def _parse_cluster(r: Reader) -> Cluster:
     name = _non_empty(r, "name", r.string("name", required=True))
     ctype = "STATIC"
-    if r.raw.get("type") in ("LOGICAL_DNS", "EDS", "ORIGINAL_DST"):
+    mqtt_broker = None
+    if r.has("cluster_type"):  # Envoy's custom cluster shape; the MQTT broker cluster is the only one
+        from microenvoy.config.mqtt_cluster import parse_cluster_type
+
+        mqtt_broker = parse_cluster_type(r)
+        r.ignore("type")
+    elif r.raw.get("type") in ("LOGICAL_DNS", "EDS", "ORIGINAL_DST"):
         r.ignore("type")
         r.error(f"{r.raw['type']} is not supported yet (use STATIC or STRICT_DNS)", "type")
     else:
@@ -889,6 +900,7 @@ def _parse_cluster(r: Reader) -> Cluster:
         health_checks=health_checks,
         outlier_detection=outlier,
         idle_timeout=idle,
+        mqtt_broker=mqtt_broker,
     )
 
 
@@ -1012,6 +1024,10 @@ def cross_check(b: Bootstrap) -> list[str]:
             )
         elif c.name:
             clusters[c.name] = i
+    if any(c.mqtt_broker is not None for c in b.static_resources.clusters):
+        from microenvoy.config.mqtt_cluster import check_mqtt_clusters
+
+        errors.extend(check_mqtt_clusters(b))
     listeners: dict[str, int] = {}
     bound: dict[tuple[str, int, str], int] = {}
     by_name = {li.name: li for li in b.static_resources.listeners}

@@ -409,6 +409,9 @@ class Cluster:
     """Panic threshold and policy-specific balancer settings; None = Envoy's defaults."""
     health_checks: tuple[HealthCheck, ...] = ()
     outlier_detection: OutlierDetection | None = None
+    mqtt_broker: Any = None
+    """``microenvoy.config.mqtt_cluster.MqttBroker`` when ``cluster_type`` is
+    ``microenvoy.clusters.mqtt_broker`` (an upstream MQTT broker session instead of HTTP pools); else None."""
 
 
 # -------------------------------------------------------------------------------------- bootstrap

@@ -1753,6 +1753,10 @@ class ClusterManager:
             self._clusters[c.name] = self._make(c)
 
     def _make(self, config: Cluster) -> UpstreamCluster:
+        if config.mqtt_broker is not None:  # an upstream MQTT broker (paho-mqtt), loaded only when used
+            from microenvoy.io.mqtt_upstream import MqttBrokerCluster
+
+            return MqttBrokerCluster(config, self._store, random=self._random, manager=self)
         return UpstreamCluster(config, self._store, random=self._random)
 
     async def start(self) -> None:
