@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -976,3 +976,117 @@ def test_shared_subscription_delivers_each_message_to_one_member(mq: Agent) -> N
     finally:
         for c in (*members, everyone):
             c.close()
+
+
+# ============================================================================== malformed and violations
+def _patched(packet: Packet, version: int, first: int) -> bytes:
+    data = encode_packet(packet, version)
+    return bytes((first,)) + data[1:]
+
+
+def _publish_raw_topic(topic: bytes, version: int) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic + (b"\x00" if version == 5 else b"") + b"payload"
+    return bytes((0x30, len(body))) + body
+
+
+# name -> (bytes for the version, v5 DISCONNECT reason)
+VIOLATIONS: dict[str, tuple[Callable[[int], bytes], int]] = {
+    "subscribe-reserved-flags": (
+        lambda v: _patched(Subscribe(1, (sub("a"),)), v, 0x80),
+        0x81,
+    ),  # [MQTT-2.1.3-1]
+    "pubrel-reserved-flags": (lambda v: _patched(Pubrel(1), v, 0x60), 0x81),  # [MQTT-3.6.1-1]
+    "topic-bad-utf8": (lambda v: _publish_raw_topic(b"a/\xff", v), 0x81),  # [MQTT-1.5.4-1]
+    "topic-surrogate": (lambda v: _publish_raw_topic(b"a/\xed\xa0\x80", v), 0x81),  # [MQTT-1.5.4-1]
+    "topic-nul": (lambda v: _publish_raw_topic(b"a/\x00", v), 0x81),  # [MQTT-1.5.4-2]
+    "second-connect": (lambda v: encode_packet(Connect(v, "again"), v), 0x82),  # [MQTT-3.1.0-2]
+    "publish-wildcard-topic": (lambda v: encode_packet(Publish("a/+/b", b"x"), v), 0x90),  # [MQTT-3.3.2-2]
+    "subscribe-no-filters": (lambda v: encode_packet(Subscribe(1, ()), v), 0x82),  # [MQTT-3.8.3-2]
+    "unsubscribe-no-filters": (lambda v: _patched(Subscribe(1, ()), v, 0xA2), 0x82),  # [MQTT-3.10.3-2]
+    "subscribe-bad-filter": (
+        lambda v: encode_packet(Subscribe(1, (sub("a/#/b"),)), v),
+        0x81,
+    ),  # [MQTT-4.7.1-1]
+    "publish-qos3": (lambda v: _patched(Publish("a", b"x", 1, packet_id=1), v, 0x36), 0x81),  # [MQTT-3.3.1-4]
+    "publish-packet-id-0": (
+        lambda v: encode_packet(Publish("a", b"x", 1, packet_id=0), v),
+        0x82,
+    ),  # [MQTT-2.2.1-3]
+    "server-packet-connack": (lambda v: encode_packet(Connack(False, 0), v), 0x82),
+    "reserved-type-0": (lambda v: b"\x00\x00", 0x81),
+    "remaining-length-5-bytes": (lambda v: b"\x30\xff\xff\xff\xff\x7f", 0x81),  # section 1.5.5
+    "remaining-length-not-minimal": (lambda v: b"\xc0\x80\x00", 0x81),  # [MQTT-1.5.5-1]
+    "pingreq-with-body": (lambda v: b"\xc0\x01\x00", 0x81),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VIOLATIONS))
+@pytest.mark.parametrize("version", [4, 5])
+def test_protocol_violation_closes_the_connection(mq: Agent, version: int, case: str) -> None:
+    """A protocol violation closes the network connection [MQTT-4.8.0-1] (3.1.1: section 4.8): MQTT 5 sends
+    DISCONNECT with the reason code first [MQTT-4.13.1-1]; it is counted."""
+    make, reason = VIOLATIONS[case]
+    counters = ("mqtt.cf.malformed", "mqtt.cf.protocol_error", "mqtt.cf.packet_too_large")
+    before = sum(mq.stat(n) for n in counters)
+    with RawClient(mq.port("cf"), version) as c:
+        c.connect(cid("bad"))
+        c.send_raw(make(version))
+        got = c.wait_closed()
+    assert got == ([Disconnect(reason)] if version == 5 else [])
+    wait_for(lambda: sum(mq.stat(n) for n in counters) > before, 10, message="the violation counted")
+
+
+def test_v5_payload_format_invalid(mq: Agent) -> None:
+    """Payload Format Indicator 1 with a payload that is not UTF-8: 0x99 (section 3.3.2.3.2)."""
+    with RawClient(mq.port("cf")) as c:
+        c.connect(cid("pfi"))
+        c.send(Publish("pfi/x", b"\xff\xfe", 1, False, False, 1, Properties(payload_format_indicator=1)))
+        got = c.wait_closed()
+    assert got in ([Disconnect(0x99)], [Puback(1, 0x99)])
+
+
+@pytest.mark.parametrize(
+    ("version", "client_id", "clean", "expected"),
+    [(4, "", False, 0x02), (5, "", False, 0x85)],
+)
+def test_empty_client_id_without_clean_start_is_refused(
+    mq: Agent, version: int, client_id: str, clean: bool, expected: int
+) -> None:
+    """An empty Client Identifier needs Clean Start 1: v3.1.1 CONNACK 0x02 [MQTT-3.1.3-8], v5 0x85
+    [MQTT-3.1.3-8]; then the connection is closed [MQTT-3.2.2-5]."""
+    with RawClient(mq.port("cf"), version) as c:
+        props = Properties(session_expiry_interval=10) if version == 5 else EMPTY_PROPERTIES
+        ack = c.connect(client_id, clean=clean, properties=props)
+        assert (ack.reason_code, ack.session_present) == (expected, False)
+        assert c.wait_closed() == []
+
+
+def test_v5_assigned_client_identifier(mq: Agent) -> None:
+    """An empty Client Identifier with Clean Start 1 gets an Assigned Client Identifier in CONNACK
+    [MQTT-3.1.3-6] [MQTT-3.2.2-16]; v3.1.1 is accepted too [MQTT-3.1.3-6]."""
+    with RawClient(mq.port("cf")) as c:
+        ack = c.connect("")
+        assert ack.reason_code == 0
+        assert ack.properties.assigned_client_identifier
+        c.disconnect()
+    with RawClient(mq.port("cf"), 4) as c:
+        assert c.connect("").reason_code == 0
+        c.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("name", "level", "connack"), [(b"MQTT", 6, 0x01), (b"MQIsdp", 3, 0x01), (b"MQTT", 3, 0x01)]
+)
+def test_unsupported_protocol_level(mq: Agent, name: bytes, level: int, connack: int) -> None:
+    """An unsupported protocol level is answered with CONNACK 0x01 (3.1.1 form) and closed [MQTT-3.1.2-2]."""
+    body = len(name).to_bytes(2, "big") + name + bytes((level, 0x02)) + b"\x00\x3c" + b"\x00\x01x"
+    with RawClient(mq.port("cf"), 4) as c:
+        c.send_raw(bytes((0x10, len(body))) + body)
+        assert c.wait_closed() == [Connack(False, connack)]
+
+
+def test_connect_reserved_flag_closes(mq: Agent) -> None:
+    """The CONNECT reserved flag must be 0, else the connection is closed [MQTT-3.1.2-3]."""
+    with RawClient(mq.port("cf"), 4) as c:
+        c.send_raw(_patched(Connect(4, "rf"), 4, 0x10).replace(b"MQTT\x04\x02", b"MQTT\x04\x03", 1))
+        assert c.wait_closed() == []
