@@ -685,3 +685,17 @@ def test_update_lines() -> None:
     assert mqtt_passwd.update_lines(lines, "a", "a:X") == (["# c", "a:X", "b:2"], True)
     assert mqtt_passwd.update_lines(lines, "c", "c:Y") == ([*lines, "c:Y"], False)
     assert mqtt_passwd.update_lines(lines, "a", None) == (["# c", "b:2"], True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab:$#%+/ \n\tcu=,0123456789rnpi-\x00é"), max_size=120))
+def test_file_parsers_never_crash(text: str) -> None:
+    """Any text: problems are reported as file:line errors, never raised as anything else."""
+    errors: list[str] = []
+    pf = parse_password_file(text, "pw", errors)
+    rules = parse_acl_file(text, "acl", errors)
+    assert all(e.startswith(("pw:", "acl:")) for e in errors)
+    acl = Acl(rules.everyone, rules.anonymous, rules.users).bind(Principal("a", "password"), "c")
+    acl.can_publish("a/b")
+    acl.can_subscribe("a/#")
+    assert len(pf) <= text.count(":")
