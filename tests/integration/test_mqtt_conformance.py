@@ -49,6 +49,8 @@ from microenvoy.codecs.mqtt.packets import (
     Suback,
     Subscribe,
     Subscription,
+    Unsuback,
+    Unsubscribe,
     Will,
 )
 
@@ -331,6 +333,7 @@ def mq(module_agent: Any, certs: CertBundle, grpc_sink: GrpcSink, h2_server: H2S
         mqtt_listener("ka", max_keepalive=1),
         mqtt_listener("tls", tls=C.downstream_tls(certs, alpn=(), require_client_cert=True), auth=tls_auth),
         mqtt_listener("br", routes=grpc_routes),
+        mqtt_listener("lim", maximum_qos=1, retain_available=False),
     ]
     clusters = [C.cluster("sink", grpc_sink.port, http2=True), C.cluster("h2up", h2_server.port, http2=True)]
     config = C.bootstrap(listeners, clusters)
@@ -1185,3 +1188,185 @@ def test_bridged_qos2_retransmission_reaches_the_upstream_once(mq: Agent, h2_ser
         assert c.expect(Pubcomp) == Pubcomp(5)
         c.disconnect()
     assert h2_server.count(f"/q2/{device}") == 1
+
+
+# ======================================================================== message properties, (un)subscribe
+def test_message_properties_are_forwarded_unaltered(mq: Agent) -> None:
+    """Payload Format Indicator, Content Type, Response Topic, Correlation Data and User Properties (in
+    order) reach the subscriber unaltered [MQTT-3.3.2-4] [MQTT-3.3.2-15]..[MQTT-3.3.2-20] [MQTT-3.3.2-18]."""
+    port = mq.port("cf")
+    topic = f"props/{cid('t')}"
+    user = (("b", "2"), ("a", "1"), ("a", "0"))
+    with RawClient(port) as s, RawClient(port) as pub:
+        s.connect(cid("props"))
+        s.subscribe(sub(topic, 1))
+        pub.connect(cid("propp"))
+        assert (
+            pub.publish(
+                topic,
+                "héllo".encode(),
+                1,
+                payload_format_indicator=1,
+                content_type="text/plain; charset=utf-8",
+                response_topic="props/reply",
+                correlation_data=b"\x00corr",
+                user_properties=user,
+            )
+            == 0
+        )
+        p = first_publish(s).properties
+        assert (p.payload_format_indicator, p.content_type, p.response_topic, p.correlation_data) == (
+            1,
+            "text/plain; charset=utf-8",
+            "props/reply",
+            b"\x00corr",
+        )
+        assert p.user_properties == user
+        s.disconnect()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_unsubscribe_and_subscription_replacement(mq: Agent, version: int) -> None:
+    """A repeated SUBSCRIBE to the same filter replaces the subscription (new maximum QoS) [MQTT-3.8.4-3];
+    delivered QoS is the minimum of published and granted [MQTT-3.8.4-8]; UNSUBACK answers UNSUBSCRIBE with
+    the same Packet Identifier [MQTT-3.10.4-4], v5 with 0x00 / 0x11 No subscription existed, and no message
+    is sent on the removed subscription [MQTT-3.10.4-1]."""
+    port = mq.port("cf")
+    topic = f"unsub/{cid('t')}"
+    marker = f"{topic}-marker"
+    with RawClient(port, version) as s, RawClient(port) as pub:
+        s.connect(cid("uns"))
+        pub.connect(cid("unp"))
+        assert s.subscribe(sub(topic, 2), sub(marker, 0)) == (2, 0)
+        assert pub.publish(topic, b"q2", 2) == 0
+        assert first_publish(s).qos == 2
+        s.send(Pubrec(1))
+        assert s.expect(Pubrel).packet_id == 1
+        s.send(Pubcomp(1))
+        assert s.subscribe(sub(topic, 1), packet_id=2) == (1,)  # replaced, not added
+        assert pub.publish(topic, b"q2 again", 2, packet_id=2) == 0
+        p = first_publish(s)
+        assert (p.payload, p.qos) == (b"q2 again", 1)
+        s.send(Puback(p.packet_id or 0))
+        pub.publish(marker, b"", 0)
+        assert receive_until_marker(s, marker) == []  # one copy only
+        s.send(Unsubscribe(9, (topic, f"{topic}/never")))
+        unsuback = s.expect(Unsuback)
+        assert unsuback.packet_id == 9
+        if version == 5:
+            assert unsuback.reason_codes == (0x00, 0x11)
+        assert pub.publish(topic, b"gone", 1, packet_id=3) == 0x10
+        pub.publish(marker, b"", 0)
+        assert receive_until_marker(s, marker) == []
+        s.disconnect()
+
+
+def test_retained_message_expires(mq: Agent) -> None:
+    """A retained message whose Message Expiry Interval passed is no longer sent to new subscribers
+    [MQTT-3.3.2-5]; one still valid carries the remaining interval."""
+    port = mq.port("cf")
+    base = f"rexp/{cid('t')}"
+    with RawClient(port) as pub:
+        pub.connect(cid("rexpp"))
+        pub.publish(f"{base}/short", b"s", 1, retain=True, message_expiry_interval=1)
+        t0 = time.monotonic()
+        pub.publish(f"{base}/long", b"l", 1, packet_id=2, retain=True, message_expiry_interval=100)
+        wait_until(t0 + 2.1)
+        with RawClient(port) as s:
+            s.connect(cid("rexps"))
+            s.subscribe(sub(f"{base}/+", 0))
+            pub.publish(f"{base}/zz", b"", 0)
+            got = receive_until_marker(s, f"{base}/zz")
+            assert [p.topic for p in got] == [f"{base}/long"]
+            assert (got[0].properties.message_expiry_interval or 100) <= 98
+            s.disconnect()
+        pub.publish(f"{base}/long", b"", 1, retain=True, packet_id=3)
+        pub.disconnect()
+
+
+# =========================================================================== Maximum QoS, Retain Available
+def test_maximum_qos_and_retain_available(mq: Agent) -> None:
+    """maximum_qos 1 / retain_available false: CONNACK says Maximum QoS 1 and Retain Available 0
+    [MQTT-3.2.2-9]; a SUBSCRIBE for QoS 2 is granted QoS 1; a QoS 2 PUBLISH is DISCONNECT 0x9B
+    [MQTT-3.2.2-11]; a retained PUBLISH is DISCONNECT 0x9A [MQTT-3.2.2-14]; v3.1.1 subscribers are granted
+    QoS 1 and a QoS 2 PUBLISH is delivered with the granted QoS (3.1.1 has no Maximum QoS)."""
+    port = mq.port("lim")
+    with RawClient(port) as c:
+        ack = c.connect(cid("lim"))
+        assert (ack.properties.maximum_qos, ack.properties.retain_available) == (1, 0)
+        assert c.subscribe(sub("lim/#", 2)) == (1,)
+        c.send(Publish("lim/x", b"x", 2, False, False, 1))
+        assert c.wait_closed() == [Disconnect(0x9B)]
+    with RawClient(port) as c:
+        c.connect(cid("lim"))
+        c.send(Publish("lim/x", b"x", 0, True))
+        assert c.wait_closed() == [Disconnect(0x9A)]
+    with RawClient(port, 4) as c:
+        c.connect(cid("lim4"))
+        assert c.subscribe(sub("lim4/#", 2)) == (1,)
+        c.disconnect()
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        Properties(receive_maximum=0),
+        Properties(maximum_packet_size=0),
+    ],
+    ids=["receive-maximum-0", "maximum-packet-size-0"],
+)
+def test_connect_property_protocol_errors(mq: Agent, props: Properties) -> None:
+    """Receive Maximum 0 or Maximum Packet Size 0 in CONNECT is a Protocol Error (sections 3.1.2.11.3,
+    3.1.2.11.4): CONNACK 0x82 and close [MQTT-3.2.2-?]."""
+    with RawClient(mq.port("cf")) as c:
+        c.send(Connect(5, cid("cpe"), True, 60, None, None, None, props))
+        assert c.wait_closed() == [Connack(False, 0x82)]
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_takeover_publishes_the_old_connections_will(mq: Agent, version: int) -> None:
+    """The taken-over connection is closed as by the server, not by a DISCONNECT 0x00: its will (no delay)
+    is published [MQTT-3.1.2-8]; the new connection's will is kept."""
+    port = mq.port("cf")
+    name = cid(f"tow{version}")
+    with RawClient(port) as watcher:
+        watcher.connect(cid("toww"))
+        watcher.subscribe(sub(f"towill/{name}/#", 0))
+        with RawClient(port, version) as first, RawClient(port, version) as second:
+            first.connect(name, will=Will(f"towill/{name}/first", b"1"))
+            second.connect(name, will=Will(f"towill/{name}/second", b"2"))
+            first.wait_closed()
+            p = first_publish(watcher)
+            assert (p.topic, p.payload) == (f"towill/{name}/first", b"1")
+            second.disconnect()
+        with RawClient(port) as pub:
+            pub.connect(cid("towp"))
+            pub.publish(f"towill/{name}/marker", b"", 0)
+        assert receive_until_marker(watcher, f"towill/{name}/marker") == []  # DISCONNECT 0x00: no will
+
+
+def test_topic_aliases_do_not_survive_the_connection(mq: Agent) -> None:
+    """Topic Alias mappings belong to one network connection [MQTT-3.3.2-7]: after a reconnect to the same
+    session the server sends the topic again, and an alias the client set before is unknown (0x82)."""
+    port = mq.port("cf")
+    name = cid("tareset")
+    topic = f"tareset/{name}"
+    props = Properties(topic_alias_maximum=2, session_expiry_interval=30)
+    with RawClient(port) as pub:
+        pub.connect(cid("tarp"))
+        with RawClient(port) as c:
+            c.connect(name, clean=False, properties=props)
+            c.subscribe(sub(topic, 0))
+            c.send(Publish(f"{topic}-set", b"set", 0, properties=Properties(topic_alias=1)))
+            pub.publish(topic, b"1", 0)
+            pub.publish(topic, b"2", 0)
+            a, b = first_publish(c), first_publish(c)
+            assert (a.topic, a.properties.topic_alias, b.topic) == (topic, 1, "")
+            c.close()
+        with RawClient(port) as c:
+            assert c.connect(name, clean=False, properties=props).session_present
+            pub.publish(topic, b"3", 0)
+            p = first_publish(c)
+            assert (p.topic, p.payload) == (topic, b"3")  # the topic again, not the old alias alone
+            c.send(Publish("", b"old alias", 0, properties=Properties(topic_alias=1)))
+            assert c.wait_closed() == [Disconnect(0x82)]
