@@ -116,6 +116,8 @@ class _MqttStats:
     def __init__(self, cluster: UpstreamCluster) -> None:
         c, g = cluster.stats.counter, cluster.stats.gauge
         self.connected = g("mqtt_connected")
+        self.session_present = g("mqtt_session_present")
+        """1 when the broker's last CONNACK said it kept our session (persistent session resumed)."""
         self.published = c("mqtt_published")
         self.published_qos = [c(f"mqtt_published_qos{q}") for q in range(3)]
         self.acked = c("mqtt_acked")
@@ -128,6 +130,8 @@ class _MqttStats:
         self.reconnects = c("mqtt_reconnects")
         self.connack_refused = c("mqtt_connack_refused")
         self.subscribe_failed = c("mqtt_subscribe_failed")
+        self.subscriptions_active = g("mqtt_subscriptions_active")
+        """Downlink subscriptions the broker granted on this connection (or kept in a resumed session)."""
         self.downlink_received = c("mqtt_downlink_received")
         self.downlink_delivered = c("mqtt_downlink_delivered")
         self.downlink_dropped = c("mqtt_downlink_dropped")
@@ -565,6 +569,7 @@ class MqttBrokerCluster(UpstreamCluster):
         if self._connected:
             self._connected = False
             self._m.connected.set(0)
+            self._m.subscriptions_active.set(0)
             st = self._stats
             st.cx_active.dec()
             st.cx_destroy.inc()
@@ -595,6 +600,7 @@ class MqttBrokerCluster(UpstreamCluster):
             return
         self._connected = True
         self._m.connected.set(1)
+        self._m.session_present.set(1 if flags.session_present else 0)
         st = self._stats
         st.cx_total.inc()
         st.cx_active.inc()
@@ -611,6 +617,8 @@ class MqttBrokerCluster(UpstreamCluster):
         )
         if self.mqtt.subscriptions and (self._v5 or self.mqtt.clean_session or not flags.session_present):
             self._subscribe(client)
+        elif self.mqtt.subscriptions:  # 3.1.1 session resumed: the broker kept the subscriptions
+            self._m.subscriptions_active.set(len(self.mqtt.subscriptions))
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(True)
 
@@ -637,6 +645,7 @@ class MqttBrokerCluster(UpstreamCluster):
             self._m.subscribe_failed.inc()
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        self._m.subscriptions_active.set(sum(1 for rc in reason_codes if not rc.is_failure))
         for sub, rc in zip(self.mqtt.subscriptions, reason_codes, strict=False):
             if rc.is_failure:
                 self._m.subscribe_failed.inc()
