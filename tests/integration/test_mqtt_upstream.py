@@ -326,3 +326,27 @@ async def test_no_loop_when_uplink_and_downlink_overlap(broker: MosquittoBroker,
 def _local_publish(port: int, topic: str, payload: bytes) -> None:
     r = mosquitto_pub(port, topic, payload, qos=1)
     assert r.ack_reason == 0, r.output
+
+
+# ============================================================================================ config
+def test_config_defaults_and_errors_name_the_path() -> None:
+    from microenvoy.core.errors import ConfigError
+
+    ok = parse_bootstrap(_downlink_config(1883, "v5"))
+    cfg = ok.static_resources.clusters[0].mqtt_broker
+    assert cfg.client_id == "edge-v5-down-cloud"  # <node id>-<cluster>
+    assert (cfg.protocol, cfg.clean_session, cfg.qos, cfg.publish_topic) == ("v5", False, None, "{topic}")
+    bad = _downlink_config(1883, "v5")
+    typed = bad["static_resources"]["clusters"][0]["cluster_type"]["typed_config"]
+    typed["subscriptions"][0]["listener"] = "nope"
+    typed["publish_topic"] = "x/{nope}"
+    typed["protocol"] = "v4"
+    typed["password"] = {"inline_string": "secret"}
+    with pytest.raises(ConfigError) as exc:
+        parse_bootstrap(bad)
+    text = "\n".join(exc.value.errors)
+    base = "static_resources.clusters[0].cluster_type.typed_config"
+    assert f"{base}.subscriptions[0].listener: no listener named 'nope'" in text
+    assert f"{base}.publish_topic: unknown placeholder {{nope}}" in text
+    assert f"{base}.protocol:" in text
+    assert f"{base}.password: a password needs a username" in text
