@@ -413,7 +413,7 @@ class MqttBrokerCluster(UpstreamCluster):
         failures = 0
         first = True
         try:
-            while not self._closing:
+            while not self._closing and not self.draining:  # a retired cluster never reconnects
                 host = self._next_host()
                 if host is not None:
                     if not first:
@@ -426,7 +426,7 @@ class MqttBrokerCluster(UpstreamCluster):
                     else:
                         failures += 1
                         self._host_index += 1  # try the next endpoint next time
-                if self._closing:
+                if self._closing or self.draining:
                     return
                 await asyncio.sleep(self._backoff(failures))
         except asyncio.CancelledError:
