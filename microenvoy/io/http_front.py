@@ -57,6 +57,7 @@ log = logging.getLogger("microenvoy.http")
 ROUTER = "envoy.filters.http.router"
 
 _METADATA_PREFIX = b"x-microenvoy-"
+_MQTT_METADATA = b"x-microenvoy-mqtt-"
 # Never copied to the upstream request: hop-by-hop fields (te is re-added as "te: trailers" when asked),
 # Host (``:authority`` carries it), and the forwarding fields the agent sets itself.
 _DROPPED_UPSTREAM = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"x-forwarded-proto"}
@@ -536,7 +537,7 @@ class ActiveStream:
             front.stats.no_cluster.inc()
             raise _LocalReply(503, "no cluster", "cluster_not_found", "NC")
         ex.upstream_cluster = cluster.name
-        headers = self._upstream_headers(entry)
+        headers = self._upstream_headers(entry, cluster.keeps_mqtt_metadata)
 
         # Timeouts: the route timeout covers the whole upstream exchange (0 disables), gRPC clients may
         # lower it with grpc-timeout when the route allows (max_grpc_timeout).
@@ -776,7 +777,7 @@ class ActiveStream:
         except UpstreamError:
             return  # read_headers reports the failure
 
-    def _upstream_headers(self, entry: RouteEntry) -> Headers:
+    def _upstream_headers(self, entry: RouteEntry, keep_mqtt: bool = False) -> Headers:
         """The request as it leaves: hop-by-hop and metadata fields dropped, forwarding fields added
         (one pass over the fields; ``Headers.set`` would rebuild the list each time)."""
         ex = self.exchange
@@ -790,6 +791,9 @@ class ActiveStream:
         replaced = TRACE_HEADERS if span is not None else _NOTHING
         for k, v in ex.request_headers:
             if k in replaced:
+                continue
+            if k.startswith(_METADATA_PREFIX) and keep_mqtt and k.startswith(_MQTT_METADATA):
+                out.append((k, v))  # an MQTT broker cluster publishes with the message's topic, QoS, retain
                 continue
             if k in _DROPPED_UPSTREAM or k.startswith(_METADATA_PREFIX):
                 if k == b"te":  # hop-by-hop, but "te: trailers" is kept (gRPC needs it)

@@ -253,6 +253,8 @@ class _SanMismatch(Exception):
 class MqttBrokerCluster(UpstreamCluster):
     """An upstream MQTT broker as a cluster (see the module docstring)."""
 
+    keeps_mqtt_metadata = True
+
     def __init__(
         self,
         config: Cluster,

@@ -249,6 +249,9 @@ class Server:
             health=self.health,
         )
         self._brokers[key] = front.broker
+        from microenvoy.io.mqtt_upstream import register_local_front
+
+        register_local_front(self.clusters, lc.name, front)  # downlink from upstream MQTT broker clusters
         tls = server_context(chain.transport_socket, ["mqtt"]) if chain.transport_socket is not None else None
         return FilterChainRuntime(chain.server_names, None, tls, mqtt=front)
 

@@ -1269,6 +1269,10 @@ class _HostPool:
 class UpstreamCluster:
     """The runtime of one configured cluster: hosts, load balancer, pools, stats."""
 
+    keeps_mqtt_metadata = False
+    """An MQTT broker cluster (``io/mqtt_upstream``) sets it: the ``x-microenvoy-mqtt-*`` metadata of a
+    bridged message reaches it, so it publishes with the message's topic, QoS and retain flag."""
+
     def __init__(self, config: Cluster, stats: Store, *, random: _random.Random | None = None) -> None:
         self.name = config.name
         self.config = config
