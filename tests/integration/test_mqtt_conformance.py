@@ -1370,3 +1370,65 @@ def test_topic_aliases_do_not_survive_the_connection(mq: Agent) -> None:
             assert (p.topic, p.payload) == (topic, b"3")  # the topic again, not the old alias alone
             c.send(Publish("", b"old alias", 0, properties=Properties(topic_alias=1)))
             assert c.wait_closed() == [Disconnect(0x82)]
+
+
+# ================================================================================ topic filter matching
+MATCHING = {
+    # filter -> topics (of TOPICS below) it matches; the examples of section 4.7.1
+    "sport/#": {
+        "sport",
+        "sport/",
+        "sport/tennis",
+        "sport/tennis/player1",
+        "sport/tennis/player1/ranking",
+        "sport//x",
+    },
+    "sport/tennis/#": {"sport/tennis", "sport/tennis/player1", "sport/tennis/player1/ranking"},
+    "sport/tennis/+": {"sport/tennis/player1"},
+    "sport/+": {"sport/", "sport/tennis"},
+    "+/+": {"/finance", "sport/", "sport/tennis", "Sport/tennis"},
+    "/+": {"/finance"},
+    "+": {"sport"},
+    "sport//x": {"sport//x"},
+    "+/+/+": {"sport//x", "sport/tennis/player1"},
+}
+TOPICS = ["sport", "sport/", "sport/tennis", "sport/tennis/player1", "sport/tennis/player1/ranking",
+          "/finance", "sport//x"]  # fmt: skip
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_topic_filter_matching(mq: Agent, version: int) -> None:
+    """'#' matches the parent and any number of levels [MQTT-4.7.1-2]; '+' matches exactly one level, which
+    may be empty [MQTT-4.7.1-3]; topic names and filters are case sensitive, levels may be empty (4.7.3)."""
+    port = mq.port("cf")
+    ns = cid(f"m{version}")
+    clients: dict[str, RawClient] = {}
+    try:
+        with RawClient(port) as pub:
+            pub.connect(cid("mp"))
+            for f in MATCHING:
+                c = clients[f] = RawClient(port, version)
+                c.connect(cid("ms"))
+                assert c.subscribe(sub(f"{ns}/{f}", 0), sub(f"{ns}-marker", 0)) == (0, 0)
+            for t in [*TOPICS, "Sport/tennis"]:
+                pub.publish(f"{ns}/{t}", b"", 0)
+            pub.publish(f"{ns}-marker", b"", 0)
+            for f, c in clients.items():
+                got = {p.topic.removeprefix(f"{ns}/") for p in receive_until_marker(c, f"{ns}-marker")}
+                assert got == MATCHING[f], f
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+def test_session_expiry_is_capped_and_announced(mq: Agent) -> None:
+    """A Session Expiry Interval above max_session_expiry_interval is lowered and the CONNACK says so
+    (section 3.2.2.3.2); one within it is not echoed."""
+    with RawClient(mq.port("cf")) as c:
+        ack = c.connect(cid("cap"), clean=True, properties=Properties(session_expiry_interval=0xFFFFFFFF))
+        assert ack.properties.session_expiry_interval == 3600
+        c.disconnect()
+    with RawClient(mq.port("cf")) as c:
+        ack = c.connect(cid("cap"), clean=True, properties=Properties(session_expiry_interval=100))
+        assert ack.properties.session_expiry_interval is None
+        c.disconnect()
