@@ -1135,12 +1135,6 @@ def test_tls_without_a_client_certificate_is_refused(mq: Agent, certs: CertBundl
 
 
 # ====================================================================================== gRPC bridging
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridging/mqtt.py sends :scheme mqtt upstream; grpcio (grpc-core) refuses any :scheme but "
-    "http/https ('Error parsing :scheme metadata: invalid value'), so every bridged message gets 0x80. "
-    "Passes with :scheme http/https on the wire.",
-)
 @pytest.mark.parametrize("version", [4, 5])
 def test_bridge_to_grpc_raw_and_envelope(mq: Agent, grpc_sink: GrpcSink, version: int) -> None:
     """Bridged QoS 1 PUBLISHes become unary gRPC calls to a grpcio server: ``raw`` sends the payload as the
@@ -1431,4 +1425,26 @@ def test_session_expiry_is_capped_and_announced(mq: Agent) -> None:
     with RawClient(mq.port("cf")) as c:
         ack = c.connect(cid("cap"), clean=True, properties=Properties(session_expiry_interval=100))
         assert ack.properties.session_expiry_interval is None
+        c.disconnect()
+
+
+def test_negative_pubrec_from_the_client_ends_the_qos2_flow(mq: Agent) -> None:
+    """A PUBREC with a reason code >= 0x80 ends the QoS 2 delivery: no PUBREL follows, the packet identifier
+    and the Receive Maximum quota are free again [MQTT-4.3.3-4] / section 4.9."""
+    port = mq.port("cf")
+    topic = f"nrec/{cid('t')}"
+    with RawClient(port) as c, RawClient(port) as pub:
+        c.connect(cid("nrec"), properties=Properties(receive_maximum=1))
+        c.subscribe(sub(topic, 2))
+        pub.connect(cid("nrecp"))
+        pub.publish(topic, b"1", 2)
+        pub.publish(topic, b"2", 2, packet_id=2)
+        first = first_publish(c)
+        assert first.payload == b"1"
+        c.send(Pubrec(first.packet_id or 0, 0x80))
+        second = first_publish(c)  # not a PUBREL: the window moved on
+        assert second.payload == b"2"
+        c.send(Pubrec(second.packet_id or 0))
+        assert c.expect(Pubrel).packet_id == second.packet_id
+        c.send(Pubcomp(second.packet_id or 0))
         c.disconnect()
