@@ -58,6 +58,7 @@ ROUTER = "envoy.filters.http.router"
 
 _METADATA_PREFIX = b"x-microenvoy-"
 _MQTT_METADATA = b"x-microenvoy-mqtt-"
+_HTTP_SCHEMES = (b"http", b"https")
 # Never copied to the upstream request: hop-by-hop fields (te is re-added as "te: trailers" when asked),
 # Host (``:authority`` carries it), and the forwarding fields the agent sets itself.
 _DROPPED_UPSTREAM = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"x-forwarded-proto"}
@@ -801,7 +802,9 @@ class ActiveStream:
                 elif k == b"x-forwarded-for":
                     xff = v
                 continue
-            if k == b"x-request-id":
+            if k == b":scheme" and v not in _HTTP_SCHEMES:
+                v = b"https" if ex.downstream.tls else b"http"  # mqtt/coap exchanges: upstreams speak HTTP
+            elif k == b"x-request-id":
                 request_id = True
             elif k == b"early-data":  # RFC 8470 section 5.1: an earlier hop's mark is never removed
                 early = False
