@@ -67,6 +67,8 @@ log = logging.getLogger("microenvoy.mqtt")
 _WRITE_HIGH = 256 << 10
 """Above this many bytes queued on a connection's transport the client is congested: QoS 0 messages to it
 are dropped by its session (``dropped_slow_consumer``) until the buffer drains."""
+_MAX_QOS0_BRIDGED = 1024
+"""Bridged QoS 0 messages in flight per listener; more are dropped (``dropped_bridge_busy``)."""
 _MAX_BRIDGE_TASKS = 64
 """Bridged messages in flight per connection (QoS 1/2 are also bounded by our Receive Maximum)."""
 
@@ -108,6 +110,7 @@ class _Stats:
         self.acks_delayed = c("acks_delayed")
         self.acks_negative = c("acks_negative")
         self.publish_denied = c("publish_denied")
+        self.dropped_bridge_busy = c("dropped_bridge_busy")
         self.responses_published = c("responses_published")
         self.closed_undelivered = c("closed_undelivered")
         self._connect_failed: dict[int, Counter] = {}
@@ -151,6 +154,8 @@ class MqttFront:
         )
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at: float | None = None
+        self.detached: set[asyncio.Task[None]] = set()
+        """Bridged QoS 0 exchanges, which outlive the connection they came from."""
         self.auth = load_authenticator(config.auth)
         """Authentication and ACLs (``auth`` block; none: anonymous clients, everything allowed)."""
         self.slow_auth = self.auth.passwords is not None
@@ -617,9 +622,19 @@ class MqttConnection(asyncio.Protocol):
                     self._qos2_open.add(p.packet_id)
             pending = _PendingAck(p.packet_id, p.qos)
             self._acks.append(pending)
+        if bridged and pending is None:
+            # QoS 0 has no ack to withhold: it is bridged even if the client disconnects meanwhile (the
+            # front keeps the task), within a bound per listener; beyond it the message is dropped.
+            if len(front.detached) >= _MAX_QOS0_BRIDGED:
+                front.stats.dropped_bridge_busy.inc()
+                return
+            task = asyncio.get_running_loop().create_task(self._bridge(p, None))
+            front.detached.add(task)
+            task.add_done_callback(front.detached.discard)
+            return
         if bridged and len(self._tasks) < _MAX_BRIDGE_TASKS:
-            if pending is not None:
-                front.stats.acks_delayed.inc()
+            # QoS 1/2: cancelled with the connection (never acknowledged: the client sends it again).
+            front.stats.acks_delayed.inc()
             task = asyncio.get_running_loop().create_task(self._bridge(p, pending))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

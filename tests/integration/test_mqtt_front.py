@@ -36,6 +36,8 @@ def mq(module_agent: Any, h2_server: H2Server) -> Agent:
          "route": {"cluster": "up", "path": "/v1/{device}", "timeout": "5s"}},
         {"name": "failing", "match": {"topic_filter": "fail/{code}"},
          "route": {"cluster": "up", "path": "/status/{code}", "timeout": "5s"}},
+        {"name": "slow", "match": {"topic_filter": "slow/{ms}"},
+         "route": {"cluster": "up", "path": "/delay/{ms}", "timeout": "5s"}},
     ]  # fmt: skip
     config = C.bootstrap([mqtt_listener("mq", routes=routes)], [C.cluster("up", h2_server.port, http2=True)])
     return module_agent(config, name="mqtt")
@@ -195,3 +197,11 @@ def test_v5_request_response_with_mosquitto_rr(mq: Agent) -> None:
     assert ctype == "application/json"
     assert corr == "req-42"  # the request's correlation data came back
     assert "status:200" in props
+
+
+def test_bridged_qos0_is_delivered_after_the_client_left(mq: Agent) -> None:
+    """mosquitto_pub disconnects right after writing a QoS 0 PUBLISH; the slow upstream exchange still
+    completes (it is not cancelled with the connection)."""
+    before = mq.stat("mqtt.mq.bridge_rq_2xx")
+    assert mosquitto_pub(mq.port("mq"), "slow/400", b"late", qos=0).returncode == 0
+    assert mq.wait_stat("mqtt.mq.bridge_rq_2xx", before + 1) >= before + 1
