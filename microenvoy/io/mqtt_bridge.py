@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import random as _random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from microenvoy.admin.stats import Counter, Scope, Store
@@ -152,6 +153,22 @@ class MqttBridge:
         return BridgeOutcome(reason, result)
 
     # -- batching ---------------------------------------------------------------------------------
+    def enqueue(
+        self,
+        publish: Publish,
+        ctx: BridgeContext,
+        downstream: DownstreamInfo,
+        done: Callable[[BridgeOutcome], None],
+    ) -> bool:
+        """The listener's fast path for batched routes: queue ``publish`` and call ``done(outcome)`` when its
+        batch has been answered (no task or future per message). False when the topic's route does not
+        batch (use ``send``)."""
+        hit = self.table.match(publish.topic)
+        if hit is None or self.config.routes[hit[0]].batch is None:
+            return False
+        self._add_to_batch(hit[0], hit[1], publish, ctx, downstream, done)
+        return True
+
     async def _batched(
         self,
         index: int,
@@ -162,6 +179,24 @@ class MqttBridge:
     ) -> BridgeOutcome:
         """Queue ``publish`` into its route's open batch (per request path); every message of a batch gets
         the outcome of the one request that carries them all."""
+        fut: asyncio.Future[BridgeOutcome] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: BridgeOutcome) -> None:
+            if not fut.done():
+                fut.set_result(outcome)
+
+        self._add_to_batch(index, captures, publish, ctx, downstream, done)
+        return await asyncio.shield(fut)
+
+    def _add_to_batch(
+        self,
+        index: int,
+        captures: dict[str, str],
+        publish: Publish,
+        ctx: BridgeContext,
+        downstream: DownstreamInfo,
+        done: Callable[[BridgeOutcome], None],
+    ) -> None:
         route = self.config.routes[index]
         assert route.batch is not None
         pieces = self.pieces[index]
@@ -173,11 +208,9 @@ class MqttBridge:
         if batch is None:
             batch = self._batches[key] = _Batch(publish, ctx, downstream)
             batch.timer = loop.call_later(route.batch.max_delay, self._flush, key)
-        fut: asyncio.Future[BridgeOutcome] = loop.create_future()
-        batch.items.append((publish, ctx.client_id, fut))
+        batch.items.append((publish, ctx.client_id, done))
         if len(batch.items) >= route.batch.max_messages:
             self._flush(key)
-        return await asyncio.shield(fut)
 
     def _flush(self, key: tuple[int, str]) -> None:
         batch = self._batches.pop(key, None)
@@ -215,9 +248,11 @@ class MqttBridge:
         except Exception:  # never leave a message without an answer
             log.exception("mqtt batch to %s failed", path)
             outcome = BridgeOutcome(ReasonCode.UNSPECIFIED_ERROR, None)
-        for _, _, fut in batch.items:
-            if not fut.done():
-                fut.set_result(outcome)
+        for _, _, done in batch.items:
+            try:
+                done(outcome)
+            except Exception:  # one listener callback must not keep the others from their answer
+                log.exception("mqtt batch acknowledgement failed")
 
 
 class _Batch:
@@ -226,7 +261,7 @@ class _Batch:
     def __init__(self, first: Publish, ctx: BridgeContext, downstream: DownstreamInfo) -> None:
         self.ctx = ctx
         self.downstream = downstream
-        self.items: list[tuple[Publish, str, asyncio.Future[BridgeOutcome]]] = []
+        self.items: list[tuple[Publish, str, Callable[[BridgeOutcome], None]]] = []
         self.timer: asyncio.TimerHandle | None = None
 
 

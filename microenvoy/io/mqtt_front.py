@@ -47,7 +47,7 @@ from microenvoy.codecs.mqtt.packets import (
 )
 from microenvoy.core.exchange import DownstreamInfo
 from microenvoy.filters.network.mqtt_proxy import MqttProxy
-from microenvoy.io.mqtt_bridge import MqttBridge
+from microenvoy.io.mqtt_bridge import BridgeOutcome, MqttBridge
 from microenvoy.io.upstream import ClusterManager
 from microenvoy.mqtt.auth import (
     AuthResult,
@@ -260,6 +260,8 @@ class MqttConnection(asyncio.Protocol):
         self._qos2_open: set[int] = set()
         """Packet ids of incoming QoS 2 PUBLISHes on this connection not yet completed by PUBCOMP."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batched = 0
+        """QoS 1/2 messages of this connection waiting in a bridge batch."""
         self._ctx: BridgeContext | None = None
         self._counted = False
         self._paused = False
@@ -632,9 +634,16 @@ class MqttConnection(asyncio.Protocol):
             front.detached.add(task)
             task.add_done_callback(front.detached.discard)
             return
-        if bridged and len(self._tasks) < _MAX_BRIDGE_TASKS:
-            # QoS 1/2: cancelled with the connection (never acknowledged: the client sends it again).
+        if bridged and len(self._tasks) + self._batched < _MAX_BRIDGE_TASKS:
             front.stats.acks_delayed.inc()
+            assert bridge is not None
+            assert self._ctx is not None
+            if p.properties.message_expiry_interval is None and bridge.enqueue(
+                p, self._ctx, self.downstream, lambda outcome: self._bridged(p, pending, outcome)
+            ):
+                self._batched += 1  # a batched route: answered by callback, no task per message
+                return
+            # QoS 1/2: cancelled with the connection (never acknowledged: the client sends it again).
             task = asyncio.get_running_loop().create_task(self._bridge(p, pending))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -664,6 +673,20 @@ class MqttConnection(asyncio.Protocol):
         except Exception:
             log.exception("mqtt bridge failed for %s", p.topic)
             outcome = None
+        self._after_bridge(p, pending, outcome)
+
+    def _bridged(self, p: Publish, pending: _PendingAck | None, outcome: BridgeOutcome) -> None:
+        """A batched message's answer (a callback from the bridge)."""
+        self._batched -= 1
+        if self.closed and pending is not None:
+            # The client is gone: no ack; delivered upstream or not, it sends the message again.
+            if outcome.reason_code == 0:
+                out = self.front.broker.inject(p, time.monotonic(), origin=self.client_id)
+                self.front.deliver(out.deliveries)
+            return
+        self._after_bridge(p, pending, outcome)
+
+    def _after_bridge(self, p: Publish, pending: _PendingAck | None, outcome: BridgeOutcome | None) -> None:
         reason = ReasonCode.UNSPECIFIED_ERROR if outcome is None else outcome.reason_code
         now = time.monotonic()
         if reason == 0:  # delivered upstream: local subscribers get it too
