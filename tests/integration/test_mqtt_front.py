@@ -205,3 +205,49 @@ def test_bridged_qos0_is_delivered_after_the_client_left(mq: Agent) -> None:
     before = mq.stat("mqtt.mq.bridge_rq_2xx")
     assert mosquitto_pub(mq.port("mq"), "slow/400", b"late", qos=0).returncode == 0
     assert mq.wait_stat("mqtt.mq.bridge_rq_2xx", before + 1) >= before + 1
+
+
+SECRET = {"prefix": "devices/secret"}
+
+
+@pytest.fixture(scope="module")
+def filtered(module_agent: Any, h2_server: H2Server) -> Agent:
+    """The same HTTP filters as HTTP traffic: rbac on the MQTT metadata, local_ratelimit."""
+    rbac = C.filter_rbac(
+        "DENY",
+        {
+            "no-secrets": {
+                "permissions": [{"header": {"name": "x-microenvoy-mqtt-topic", "string_match": SECRET}}],
+                "principals": [{"any": True}],
+            },
+        },
+    )  # fmt: skip
+    limit = C.filter_local_ratelimit(2, fill_interval="3600s")
+    routes = [{"match": {"topic_filter": "devices/{device}/telemetry"},
+               "route": {"cluster": "up", "path": "/v1/{device}", "timeout": "5s"}}]  # fmt: skip
+    config = C.bootstrap(
+        [mqtt_listener("flt", routes=routes, http_filters=[rbac, limit, C.router_filter()])],
+        [C.cluster("up", h2_server.port, http2=True)],
+    )
+    return module_agent(config, name="mqtt-filters")
+
+
+def test_http_filters_apply_to_bridged_messages(filtered: Agent, h2_server: H2Server) -> None:
+    c = PahoClient(filtered.port("flt"), version=5, client_id="flt1")
+    assert c.connect() == 0
+    try:
+        assert c.publish("devices/secret/telemetry", b"x", qos=1) == 0x87  # rbac 403
+        assert h2_server.count("/v1/secret") == 0
+        assert c.publish("devices/a/telemetry", b"x", qos=1) == 0  # token 1 (the denied one took none)
+        assert c.publish("devices/b/telemetry", b"x", qos=1) == 0  # token 2
+        assert c.publish("devices/c/telemetry", b"x", qos=1) == 0x97  # local_ratelimit 429
+    finally:
+        c.disconnect()
+    assert filtered.stat("http.flt.rbac.denied") == 1
+
+
+def test_config_dump_shows_mqtt_routes(mq: Agent) -> None:
+    status, body = mq.admin_get("/config_dump")
+    assert status == 200
+    assert b"devices/{device}/telemetry" in body
+    assert b"microenvoy.filters.network.mqtt_proxy" in body
