@@ -516,6 +516,12 @@ class MqttConnection(asyncio.Protocol):
             front.stats.connect_failed(reason)
             self._reject(reason)
             return
+        if p.will is not None and not _allows_all(front):
+            # A will is a publish the client makes by leaving: its topic needs publish rights (mosquitto too).
+            if not front.auth.authorizer(auth.principal, p.client_id).can_publish(p.will.topic):
+                front.stats.connect_failed(ReasonCode.NOT_AUTHORIZED)
+                self._reject(ReasonCode.NOT_AUTHORIZED)
+                return
         result = front.broker.connect(p, self, time.monotonic())
         if result.reason_code:
             front.stats.connect_failed(result.reason_code)

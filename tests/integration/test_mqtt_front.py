@@ -251,3 +251,17 @@ def test_config_dump_shows_mqtt_routes(mq: Agent) -> None:
     assert status == 200
     assert b"devices/{device}/telemetry" in body
     assert b"microenvoy.filters.network.mqtt_proxy" in body
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_will_topic_needs_publish_rights(secured: Agent, version: int) -> None:
+    port = secured.port("sec")
+    bad = PahoClient(
+        port, version=version, username="bob", password="builder", will=Will("shared/x", b"w", 0)
+    )
+    assert bad.connect() == (0x87 if version == 5 else 5)
+    ok = PahoClient(
+        port, version=version, username="bob", password="builder", will=Will("devices/bob/w", b"w", 0)
+    )
+    assert ok.connect() == 0
+    ok.disconnect()
