@@ -534,6 +534,9 @@ class MqttConnection(asyncio.Protocol):
         self.connected = True
         if not _allows_all(front):
             self._acl = front.auth.authorizer(auth.principal, self.client_id)
+            session = front.broker.sessions.get(self.client_id)
+            if session is not None:  # deliveries on subscriptions a deny rule overlaps are checked one by one
+                session.can_read = self._acl.can_read
         front.stats.connect_success.inc()
         keepalive = p.keep_alive
         server_keepalive: int | None = None
@@ -583,7 +586,11 @@ class MqttConnection(asyncio.Protocol):
         front = self.front
         acl = self._acl
         out = front.broker.subscribe(
-            self.client_id, p, time.monotonic(), acl.can_subscribe if acl is not None else None
+            self.client_id,
+            p,
+            time.monotonic(),
+            acl.can_subscribe if acl is not None else None,
+            acl.delivery_check_needed if acl is not None else None,
         )
         if out.disconnect_reason is not None:
             self._close(out.disconnect_reason)

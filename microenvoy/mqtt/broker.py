@@ -448,6 +448,7 @@ class Broker(Generic[C]):
         packet: Subscribe,
         now: float,
         authorize: Callable[[str], bool] | None = None,
+        read_check_needed: Callable[[str], bool] | None = None,
     ) -> SubscribeOutcome[C]:
         """Apply a SUBSCRIBE. ``authorize(filter)`` (the filter after any ``$share/<group>/``) denies a filter
         with 0x87 (v3.1.1: 0x80). Write the SUBACK first, then ``deliveries`` (retained messages)."""
@@ -501,6 +502,7 @@ class Broker(Generic[C]):
                 retain_as_published=sub.retain_as_published if v5 else False,
                 retain_handling=sub.retain_handling if v5 else 0,
                 subscription_id=sub_id,
+                read_check=read_check_needed is not None and read_check_needed(inner),
             )
             session.subscriptions[sub.topic_filter] = entry
             if self.index.add(inner, client_id, entry, group):
@@ -510,6 +512,8 @@ class Broker(Generic[C]):
             if group is None and (entry.retain_handling == 0 or (entry.retain_handling == 1 and not existed)):
                 for msg in self.retained.match(inner, now):
                     p = msg.publish
+                    if entry.read_check and not _may_read(session, p.topic):
+                        continue
                     qos = min(p.qos, granted)
                     props = _shape_props(p.properties, (sub_id,) if sub_id else (), v5)
                     session.deliver(
@@ -679,7 +683,7 @@ class Broker(Generic[C]):
                 if e.no_local and cid == publisher:
                     continue
                 s = sessions.get(cid)
-                if s is None:
+                if s is None or (e.read_check and not _may_read(s, publish.topic)):
                     continue
                 matched = True
                 sids = (e.subscription_id,) if e.subscription_id else ()
@@ -695,6 +699,8 @@ class Broker(Generic[C]):
             for subs in direct:
                 for cid, e in subs.items():
                     if e.no_local and cid == publisher:
+                        continue
+                    if e.read_check and not _may_read(sessions.get(cid), publish.topic):
                         continue
                     lst = merged.get(cid)
                     if lst is None:
@@ -717,7 +723,7 @@ class Broker(Generic[C]):
                 continue
             cid, e = picked
             s = sessions.get(cid)
-            if s is None:
+            if s is None or (e.read_check and not _may_read(s, publish.topic)):
                 continue
             matched = True
             sids = (e.subscription_id,) if e.subscription_id else ()
@@ -735,6 +741,13 @@ class Broker(Generic[C]):
             f"<Broker sessions={len(self.sessions)} subscriptions={len(self.index)} "
             f"retained={len(self.retained)}>"
         )
+
+
+def _may_read(session: Session[C] | None, topic: str) -> bool:
+    """The session's ACL read check (no session or no check: allowed)."""
+    if session is None or session.can_read is None:
+        return True
+    return session.can_read(topic)
 
 
 def _will_delay(will: Will, protocol_level: int) -> int:

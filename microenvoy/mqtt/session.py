@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -116,6 +117,9 @@ class SubscriptionEntry:
     retain_handling: int = 0
     """0 send retained messages on subscribe, 1 only if the subscription is new, 2 never (v5)."""
     subscription_id: int | None = None
+    read_check: bool = False
+    """The client's ACL must be asked before each delivery on this subscription (an allow rule covers the
+    filter but a deny rule overlaps it): ``Session.can_read``."""
     """Subscription Identifier (v5), attached to every message sent for this subscription."""
 
 
@@ -219,6 +223,8 @@ class Session(Generic[C]):
         """Queued messages that carry an expiry (only then is a full queue worth sweeping)."""
         self._next_pid = 1
         self.congested = False
+        self.can_read: Callable[[str], bool] | None = None
+        """The connected client's per-topic read check (its ACL), for subscriptions with ``read_check``."""
         """Set by the listener while the connection's write buffer is above its high-water mark: QoS 0
         messages are then dropped here (``dropped_slow_consumer``), before a topic alias is assigned to them
         (a PUBLISH the listener dropped after that would leave the client's alias table out of step)."""

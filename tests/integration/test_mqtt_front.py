@@ -265,3 +265,23 @@ def test_will_topic_needs_publish_rights(secured: Agent, version: int) -> None:
     )
     assert ok.connect() == 0
     ok.disconnect()
+
+
+def test_deny_rule_inside_an_allowed_subscription_is_checked_per_message(
+    module_agent: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """allow readwrite a/#, deny a/%c/#: a client may subscribe to a/#, yet messages under its own a/<id>/
+    (which other clients may publish) never reach it: the deny rule only overlaps the subscription, so each
+    delivery is checked."""
+    auth = {
+        "allow_anonymous": True,
+        "acl": [{"access": "readwrite", "topic": "a/#"}, {"access": "deny", "topic": "a/%c/#"}],
+    }
+    agent = module_agent(C.bootstrap([mqtt_listener("acl", auth=auth)], []), name="mqtt-acl")
+    port = agent.port("acl")
+    with MosquittoSub(port, ["a/#"], version=5, qos=1, count=2, client_id="reader") as sub:
+        for topic in ("a/open/1", "a/reader/secret", "a/open/2"):
+            r = mosquitto_pub(port, topic, topic, version=5, qos=1, client_id="writer")
+            assert r.ack_reason in (0, 0x10), r.output  # the writer may publish there
+        got = sub.wait_messages(2)
+    assert [m.topic for m in got] == ["a/open/1", "a/open/2"]
