@@ -193,6 +193,9 @@ class _Connection(Generic[C]):
     maximum_packet_size: int | None
     in_aliases: dict[int, str] = field(default_factory=dict)
     out_aliases: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    unsent: deque[int] = field(default_factory=deque)
+    """In-flight PUBLISHes not sent on this connection yet: on resume only as many as its Receive Maximum
+    allows go out [MQTT-3.3.4-9]; the rest follow (same packet id, DUP) as acks free the window."""
 
 
 class Session(Generic[C]):
@@ -267,11 +270,17 @@ class Session(Generic[C]):
         self.expires_at = None
         self.will_at = None
         self.congested = False
+        on_wire = 0
         for pid, entry in list(self._inflight.items()):
             msg = entry.message
             if msg is None:
                 out.append(Delivery(conn.handle, self.client_id, Pubrel(pid)))
+                on_wire += 1
                 continue
+            if on_wire >= window:
+                conn.unsent.append(pid)  # the window is full: resent once acks free it
+                continue
+            on_wire += 1
             pkt = self._build(conn, msg, pid, True, now)
             if pkt is None:  # too large for this connection: as if delivered [MQTT-3.1.2-25]
                 del self._inflight[pid]
@@ -474,6 +483,19 @@ class Session(Generic[C]):
         conn = self._conn
         if conn is None:
             return
+        unsent = conn.unsent
+        while unsent and len(self._inflight) - len(unsent) < conn.window:
+            pid = unsent.popleft()
+            entry = self._inflight.get(pid)
+            if entry is None or entry.message is None:
+                continue
+            pkt = self._build(conn, entry.message, pid, True, now)
+            if pkt is None:  # too large for this connection: as if delivered [MQTT-3.1.2-25]
+                del self._inflight[pid]
+                self.stats.inflight.dec()
+                self.stats.dropped_too_large.inc()
+            else:
+                out.append(Delivery(conn.handle, self.client_id, pkt))
         q = self._queue
         while q:
             msg = q[0]

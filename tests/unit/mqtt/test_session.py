@@ -188,6 +188,27 @@ def test_resume_retransmits_with_dup_then_pubrel_then_queue() -> None:
     assert [(p.topic, p.dup) for p in _pubs(out)[2:]] == [("queued", False), ("offline", False)]
 
 
+def test_resume_with_a_smaller_receive_maximum_resends_within_it() -> None:
+    """[MQTT-3.3.4-9]: on resume, unacknowledged PUBLISHes beyond the new Receive Maximum wait; each ack lets
+    the next one out with its original packet id and DUP, before anything from the queue."""
+    env = Env()
+    env.attach(receive_maximum=10)
+    sent = [_pubs(env.deliver(topic=f"t/{i}", qos=1))[0] for i in range(3)]
+    env.session.detach()
+    env.deliver(topic="queued", qos=1)
+    out = env.attach(receive_maximum=1, now=1.0)
+    assert [(p.topic, p.packet_id, p.dup) for p in _pubs(out)] == [("t/0", sent[0].packet_id, True)]
+    more: list[Delivery[str]] = []
+    env.session.puback(sent[0].packet_id or 0, 2.0, more)
+    assert [(p.topic, p.packet_id, p.dup) for p in _pubs(more)] == [("t/1", sent[1].packet_id, True)]
+    more = []
+    env.session.puback(sent[1].packet_id or 0, 3.0, more)
+    assert [(p.topic, p.dup) for p in _pubs(more)] == [("t/2", True)]
+    more = []
+    env.session.puback(sent[2].packet_id or 0, 4.0, more)
+    assert [(p.topic, p.dup) for p in _pubs(more)] == [("queued", False)]
+
+
 def test_resume_on_v311_same_rules() -> None:
     env = Env()
     env.attach(PROTOCOL_LEVEL_V311)
