@@ -24,6 +24,7 @@ __all__ = [
     "BridgeContext",
     "ack_reason",
     "envelope",
+    "envelope_batch",
     "grpc_status_reason",
     "request_for",
 ]
@@ -123,6 +124,11 @@ def _field(number: int, wire: int, payload: bytes | int) -> bytes:
         return key + _varint(payload)
     assert isinstance(payload, bytes)
     return key + _varint(len(payload)) + payload
+
+
+def envelope_batch(messages: Sequence[tuple[Publish, str]]) -> bytes:
+    """``microenvoy.bridge.v1.Batch {repeated Message messages = 1;}`` of (publish, client id) pairs."""
+    return b"".join(_field(1, 2, envelope(p, client_id)) for p, client_id in messages)
 
 
 def envelope(publish: Publish, client_id: str) -> bytes:

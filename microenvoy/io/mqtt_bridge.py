@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from microenvoy.admin.stats import Counter, Scope, Store
-from microenvoy.bridging.mqtt import BridgeContext, ack_reason, request_for
+from microenvoy.bridging.mqtt import BridgeContext, ack_reason, envelope_batch, request_for
 from microenvoy.codecs import grpc as grpc_codec
 from microenvoy.codecs.mqtt.packets import Publish, ReasonCode
 from microenvoy.core.exchange import DownstreamInfo
@@ -200,8 +200,9 @@ class MqttBridge:
         route = self.config.routes[index]
         assert route.batch is not None
         pieces = self.pieces[index]
-        assert pieces is not None
-        path = fill_path(pieces, publish.topic, captures)
+        path = (
+            route.grpc.method if route.grpc is not None else fill_path(pieces or (), publish.topic, captures)
+        )
         key = (index, path)
         batch = self._batches.get(key)
         loop = asyncio.get_running_loop()
@@ -226,25 +227,30 @@ class MqttBridge:
         index, path = key
         route = self.config.routes[index]
         first = batch.items[0][0]
+        grpc = route.grpc is not None
         headers, _ = request_for(
             first,
             route_index=index,
-            path_pieces=((path, None),),
-            grpc_method=None,
-            grpc_envelope=False,
+            path_pieces=None if grpc else ((path, None),),
+            grpc_method=path if grpc else None,
+            grpc_envelope=grpc,
             default_content_type=route.content_type,
             captures={},
             ctx=batch.ctx,
         )
-        headers.set(b"content-type", BATCH_CONTENT_TYPE)
         headers.set(b"x-microenvoy-mqtt-batch-size", str(len(batch.items)).encode())
-        body = batch_body([(p, client_id) for p, client_id, _ in batch.items])
+        messages = [(p, client_id) for p, client_id, _ in batch.items]
+        if grpc:
+            body = grpc_codec.encode_message(envelope_batch(messages))  # one microenvoy.bridge.v1.Batch
+        else:
+            headers.set(b"content-type", BATCH_CONTENT_TYPE)
+            body = batch_body(messages)
         self.stats.requests.inc()
         self.stats.batches.inc()
         self.stats.batched_messages.inc(len(batch.items))
         try:
             result = await forward(self.front, batch.downstream, headers, body)
-            outcome = self._outcome(False, result)
+            outcome = self._outcome(grpc, result)
         except Exception:  # never leave a message without an answer
             log.exception("mqtt batch to %s failed", path)
             outcome = BridgeOutcome(ReasonCode.UNSPECIFIED_ERROR, None)

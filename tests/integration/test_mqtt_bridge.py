@@ -16,7 +16,7 @@ from microenvoy.bridging.mqtt import BridgeContext
 from microenvoy.codecs.mqtt.packets import Properties, Publish
 from microenvoy.config.model import Cluster, Endpoint, RouteAction, SocketAddress
 from microenvoy.core.exchange import DownstreamInfo
-from microenvoy.filters.network.mqtt_proxy import Batching, MqttProxy, MqttRoute
+from microenvoy.filters.network.mqtt_proxy import Batching, GrpcBridge, MqttProxy, MqttRoute
 from microenvoy.io.mqtt_bridge import MqttBridge
 from microenvoy.io.upstream import ClusterManager
 
@@ -134,3 +134,46 @@ def test_batch_body_format() -> None:
     assert (m["topic"], base64.b64decode(m["payload"]), m["qos"], m["client_id"], m["content_type"]) == (
         "a/b", b"\x00\xff", 1, "c1", "x/y",
     )  # fmt: skip
+
+
+async def test_grpc_batching_sends_one_batch_message_per_call() -> None:
+    """A gRPC route with batching: one unary call carrying a microenvoy.bridge.v1.Batch (decoded with the
+    shipped .proto); its OK acknowledges every message."""
+    import grpc
+    from peers.grpc_server import start_grpc_server
+    from peers.mqtt_clients import bridge_message_modules
+
+    calls: list[bytes] = []
+
+    def handle(request: bytes, context: object) -> bytes:
+        calls.append(request)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "iot.v1.Ingest", {"Publish": grpc.unary_unary_rpc_method_handler(handle)}
+    )
+    server, port = start_grpc_server(lambda s: s.add_generic_rpc_handlers((handler,)), workers=2, name="g")
+    store = Store()
+    cluster = Cluster("g", endpoints=(Endpoint(SocketAddress("127.0.0.1", port)),), upstream_protocol="HTTP2")
+    cm = ClusterManager([cluster], store)
+    await cm.start()
+    try:
+        route = MqttRoute(
+            "g",
+            "plant/#",
+            RouteAction(cluster="g"),
+            grpc=GrpcBridge("/iot.v1.Ingest/Publish", "envelope"),
+            batch=Batching(max_messages=3, max_delay=0.2),
+        )
+        b = MqttBridge(MqttProxy("dev", routes=(route,)), clusters=cm, stats=store, listener_name="mqtt")
+        pubs = [Publish(f"plant/{i}", f"v{i}".encode(), qos=1, packet_id=1 + i) for i in range(3)]
+        outs = await asyncio.gather(*(b.send(p, CTX, DOWN) for p in pubs))
+        assert [o.reason_code for o in outs if o is not None] == [0, 0, 0]
+        (call,) = calls
+        batch = bridge_message_modules().Batch.FromString(call)
+        assert [(m.topic, m.payload, m.client_id) for m in batch.messages] == [
+            ("plant/0", b"v0", "dev-1"), ("plant/1", b"v1", "dev-1"), ("plant/2", b"v2", "dev-1"),
+        ]  # fmt: skip
+    finally:
+        await cm.close()
+        server.stop(grace=None).wait(5)

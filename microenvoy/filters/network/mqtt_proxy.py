@@ -231,8 +231,10 @@ def _parse_route(r: Reader) -> MqttRoute:
                 compile_path_template(path, names)
             except ValueError as exc:
                 a.error(str(exc), "path")
-        if grpc is not None and batch is not None:
-            a.error("batching is not supported for gRPC routes yet", "batch")
+        if grpc is not None and batch is not None and grpc.encoding != "envelope":
+            a.error(
+                "batching a gRPC route needs grpc.encoding: envelope (one Batch message per call)", "batch"
+            )
         if grpc is not None:
             path = grpc.method
         action = hcm.parse_route_action(a)
