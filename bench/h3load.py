@@ -31,8 +31,6 @@ import ctypes
 import json
 import math
 import multiprocessing
-import os
-import resource
 import signal
 import ssl
 import sys
@@ -49,11 +47,11 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+from procs import interrupt, loop_factory, percentile, proc_cpu_seconds, self_cpu
 
 __all__ = ["LoadSpec", "ProbeResult", "format_report", "main", "probe", "proc_cpu_seconds", "run_load"]
 
 _H3_REQUEST_CANCELLED = 0x10C
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,19 +100,6 @@ class ProbeResult:
     """Response body."""
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime+stime of a process (all its threads) from ``/proc/PID/stat``, in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def _self_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
 def _client_config(host: str) -> QuicConfiguration:
     config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host)
     config.verify_mode = ssl.CERT_NONE
@@ -129,15 +114,6 @@ def _target(url: str) -> tuple[str, int, str, bytes]:
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
     authority = f"[{u.hostname}]:{port}" if ":" in u.hostname else f"{u.hostname}:{port}"
     return u.hostname, port, path, authority.encode()
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -185,7 +161,7 @@ class _Run:
         return f"<_Run ok={self.ok} errors={sum(self.errors.values())} measuring={self.measuring}>"
 
     def begin(self) -> None:
-        self.cpu_begin = _self_cpu()
+        self.cpu_begin = self_cpu()
         self.t_begin = time.monotonic()
         self.datagrams_window = (self.datagrams_in, self.datagrams_out)
         self.measuring = True
@@ -196,7 +172,7 @@ class _Run:
         self.ended = True
         if self.measuring:
             self.t_end = time.monotonic()
-            self.cpu_end = _self_cpu()
+            self.cpu_end = self_cpu()
             self.datagrams_window = (
                 self.datagrams_in - self.datagrams_window[0],
                 self.datagrams_out - self.datagrams_window[1],
@@ -400,7 +376,7 @@ def _worker(spec: LoadSpec, connections: int, limit: int, pipe: Connection) -> N
     with contextlib.suppress(Exception):  # ... and if the parent dies, so do we (Linux)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(_worker_main(spec, connections, limit, pipe))
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -411,13 +387,6 @@ def _worker(spec: LoadSpec, connections: int, limit: int, pipe: Connection) -> N
 # ---------------------------------------------------------------------------------------------- parent
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[i]
 
 
 @dataclass
@@ -529,9 +498,9 @@ def run_load(spec: LoadSpec) -> dict[str, Any]:
         },
         "rps": round(ok / elapsed, 1) if elapsed > 0 else math.nan,
         "latency_ms": {
-            "p50": round(_percentile(latencies, 0.50) * ms, 3),
-            "p90": round(_percentile(latencies, 0.90) * ms, 3),
-            "p99": round(_percentile(latencies, 0.99) * ms, 3),
+            "p50": round(percentile(latencies, 0.50) * ms, 3),
+            "p90": round(percentile(latencies, 0.90) * ms, 3),
+            "p99": round(percentile(latencies, 0.99) * ms, 3),
             "max": round(latencies[-1] * ms, 3) if latencies else math.nan,
             "mean": round(sum(latencies) / len(latencies) * ms, 3) if latencies else math.nan,
         },
@@ -627,10 +596,6 @@ def _watch(value: str) -> tuple[str, int]:
     return label, int(pid)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="h3load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -651,10 +616,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--probe", action="store_true", help="send one GET, print status, headers and body")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     if args.probe:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             res = runner.run(probe(args.url, args.timeout))
         print(f"alpn {res.alpn}")
         for k, v in res.headers:

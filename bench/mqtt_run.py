@@ -34,8 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -43,7 +41,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +54,11 @@ from procs import (  # noqa: E402
     agent_config,
     die_with_parent,
     free_port,
+    interrupt,
     listener_ports,
     listening,
+    machine_info,
+    positive,
     wait_for,
 )
 
@@ -331,39 +331,6 @@ def _settled_rss(pid: int, *, quiet: float = 1.0, limit: float = 10.0) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def machine_info() -> dict[str, str]:
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-
-    def tool(cmd: list[str]) -> str:
-        try:
-            out = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
-        except OSError:
-            return "not installed"
-        lines = (out.stdout + out.stderr).decode(errors="replace").strip().splitlines()
-        return lines[0] if lines else "?"
-
-    def version(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": version("uvloop"),
-        "mosquitto": tool([shutil.which("mosquitto") or MOSQUITTO, "-h"]),
-        "nginx": tool([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
-        "RLIMIT_NOFILE": str(mqttload.raise_nofile_limit()),
-        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-    }
 
 
 def _rate(rep: dict[str, Any], load: str) -> float:
@@ -501,37 +468,25 @@ def goals(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        v = kind(text)
-        if v <= 0:
-            raise argparse.ArgumentTypeError("must be > 0")
-        return v
-
-    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-d", "--duration", type=_positive(float), default=10.0, help="measured seconds per load")
+    p.add_argument("-d", "--duration", type=positive(float), default=10.0, help="measured seconds per load")
     p.add_argument("-w", "--warmup", type=float, default=2.0, help="warm-up seconds per load")
     p.add_argument("-V", "--mqtt-version", choices=("311", "5"), default="5")
     p.add_argument("-s", "--payload", type=int, default=64, help="payload bytes (>= 20)")
-    p.add_argument("-p", "--processes", type=_positive(int), default=1, help="generator processes")
-    p.add_argument("--qos0-publishers", type=_positive(int), default=4)
-    p.add_argument("--qos0-subscribers", type=_positive(int), default=1)
-    p.add_argument("--qos1-connections", type=_positive(int), default=8)
-    p.add_argument("--inflight", type=_positive(int), default=16, help="QoS 1 window per connection")
-    p.add_argument("--half", type=_positive(float), default=0.5, help="rate of the -half loads (fraction)")
-    p.add_argument("--idle-connections", type=_positive(int), default=5000)
+    p.add_argument("-p", "--processes", type=positive(int), default=1, help="generator processes")
+    p.add_argument("--qos0-publishers", type=positive(int), default=4)
+    p.add_argument("--qos0-subscribers", type=positive(int), default=1)
+    p.add_argument("--qos1-connections", type=positive(int), default=8)
+    p.add_argument("--inflight", type=positive(int), default=16, help="QoS 1 window per connection")
+    p.add_argument("--half", type=positive(float), default=0.5, help="rate of the -half loads (fraction)")
+    p.add_argument("--idle-connections", type=positive(int), default=5000)
     p.add_argument("--targets", default="mosquitto", help="comma-separated subset of " + ",".join(TARGETS))
     p.add_argument("--loads", default=",".join(LOADS), help="comma-separated subset of " + ",".join(LOADS))
     p.add_argument(
-        "--rounds", type=_positive(int), default=1, help="measure everything N times; tables show the median"
+        "--rounds", type=positive(int), default=1, help="measure everything N times; tables show the median"
     )
     p.add_argument(
         "--mosquitto-nodelay",
@@ -555,12 +510,19 @@ def main(argv: list[str] | None = None) -> int:
                 microenvoy_mqtt_config(mode="local", nginx_port=1, receive_maximum=args.inflight)
             except NotImplementedError as exc:
                 p.error(str(exc))
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     nofile = mqttload.raise_nofile_limit()  # before any child starts: they inherit it
     if "idle" in loads and nofile < args.idle_connections + 256:
         p.error(f"RLIMIT_NOFILE hard limit {nofile} is too low for {args.idle_connections} idle connections")
-    info = machine_info()
+    info = machine_info(
+        ("uvloop",),
+        {
+            "mosquitto": [shutil.which("mosquitto") or MOSQUITTO, "-h"],
+            "nginx": [shutil.which("nginx") or "/usr/sbin/nginx", "-v"],
+        },
+        RLIMIT_NOFILE=str(mqttload.raise_nofile_limit()),
+    )
     cmdline = " ".join(
         [".venv/bin/python", "bench/mqtt_run.py", *(argv if argv is not None else sys.argv[1:])]
     )

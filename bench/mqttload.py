@@ -60,6 +60,8 @@ from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
+from procs import interrupt, loop_factory, percentile, proc_cpu_seconds, self_cpu
+
 __all__ = [
     "LoadSpec",
     "format_report",
@@ -73,7 +75,6 @@ __all__ = [
     "topic_matches",
 ]
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _STAMP = struct.Struct(">QIQ")  # send time ns, run id << 20 | publisher index, sequence number
 _STAMP_SIZE = _STAMP.size  # 20
 _BATCH = 64  # PUBLISH packets per write
@@ -145,12 +146,6 @@ class LoadSpec:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def proc_cpu_seconds(pid: int) -> float:
-    """utime+stime of a process (all its threads) from ``/proc/PID/stat``, in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def proc_rss_kib(pid: int) -> int:
@@ -187,20 +182,6 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if i >= len(t) or (level != "+" and level != t[i]):
             return False
     return len(f) == len(t)
-
-
-def _self_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 def _varint(n: int) -> bytes:
@@ -690,7 +671,7 @@ async def _worker_main(spec: LoadSpec, pubs: list[int], subs: list[int], pipe: C
 
     def counters() -> tuple[int, int, float]:
         done = sum(p.acked for p in publishers) if spec.qos else sum(p.seq for p in publishers)
-        return done, sum(s.received for s in subscribers), _self_cpu()
+        return done, sum(s.received for s in subscribers), self_cpu()
 
     def begin() -> None:
         snap["begin"] = counters()
@@ -776,7 +757,7 @@ def _worker(spec: LoadSpec, pubs: list[int], subs: list[int], pipe: Connection) 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     raise_nofile_limit()
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(_worker_main(spec, pubs, subs, pipe))
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -785,11 +766,6 @@ def _worker(spec: LoadSpec, pubs: list[int], subs: list[int], pipe: Connection) 
 
 
 # ---------------------------------------------------------------------------------------------- parent
-def _percentile(sorted_values: list[int], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[i]
 
 
 def _lat_summary(raw: list[bytes]) -> dict[str, float]:
@@ -804,9 +780,9 @@ def _lat_summary(raw: list[bytes]) -> dict[str, float]:
         return {"n": 0, "p50": math.nan, "p90": math.nan, "p99": math.nan, "max": math.nan, "mean": math.nan}
     return {
         "n": len(values),
-        "p50": round(_percentile(values, 0.50) * ms, 3),
-        "p90": round(_percentile(values, 0.90) * ms, 3),
-        "p99": round(_percentile(values, 0.99) * ms, 3),
+        "p50": round(percentile(values, 0.50) * ms, 3),
+        "p90": round(percentile(values, 0.90) * ms, 3),
+        "p99": round(percentile(values, 0.99) * ms, 3),
         "max": round(values[-1] * ms, 3),
         "mean": round(sum(values) / len(values) * ms, 3),
     }
@@ -1094,7 +1070,7 @@ def run_idle(
     def default(info: dict[str, Any]) -> None:
         print(json.dumps(info), flush=True)
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(_idle_main(spec, count, hold, announce or default))
 
 
@@ -1139,10 +1115,6 @@ def _watch(value: str) -> tuple[str, int]:
     return label, int(pid)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("server", help="HOST:PORT of the MQTT server")
@@ -1175,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
     if not host or not port.isdigit():
         p.error("server must be HOST:PORT")
     version = _V5 if args.mqtt_version == "5" else _V311
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     if args.probe:
         res = asyncio.run(probe(host.strip("[]"), int(port), version))
         print(json.dumps(res) if args.json else f"probe OK: {res}")

@@ -14,10 +14,15 @@ a script's own folder there; the scripts also insert it, like ``run.py`` does fo
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import ctypes
 import json
+import math
 import os
+import platform
+import resource
 import shutil
 import signal
 import socket
@@ -27,6 +32,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +315,83 @@ class Procs:
         if wait_ready:
             wait_for(ready, 20, "microenvoy /ready", proc)
         return proc, admin
+
+
+# ---------------------------------------------------------------------------------- shared by the scripts
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler: unwind like Ctrl-C so every child is stopped."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` accepting only values > 0."""
+
+    def parse(text: str) -> Any:
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError("must be > 0")
+        return v
+
+    return parse
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (nan when empty)."""
+    if not sorted_values:
+        return math.nan
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return float(sorted_values[i])
+
+
+def self_cpu() -> float:
+    """User + system CPU seconds of this process."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (what the agent uses), else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _package_version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    lines = (out.stdout + out.stderr).decode(errors="replace").strip().splitlines()
+    return lines[0] if lines else "?"
+
+
+def machine_info(packages: Sequence[str], tools: dict[str, list[str]], **extra: str) -> dict[str, str]:
+    """What a result table is printed with: CPU, kernel, Python, the ``packages``' versions, the first line
+    the ``tools`` print of their version, ``extra`` facts, and the load average."""
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+    info.update({pkg: _package_version(pkg) for pkg in packages})
+    info.update({name: _tool_version(cmd) for name, cmd in tools.items()})
+    info.update(extra)
+    info["loadavg"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return info

@@ -26,14 +26,11 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +40,18 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 import h3load  # noqa: E402
-from procs import Procs, agent_config, agent_hcm, die_with_parent, free_port, listener_ports, wait_for  # noqa: E402
+from procs import (  # noqa: E402
+    Procs,
+    agent_config,
+    agent_hcm,
+    die_with_parent,
+    free_port,
+    interrupt,
+    listener_ports,
+    machine_info,
+    positive,
+    wait_for,
+)
 
 from microenvoy.demo import self_signed_certificate  # noqa: E402
 
@@ -248,39 +256,6 @@ def _run_coro(coro: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def machine_info() -> dict[str, str]:
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-
-    def version(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    def tool(cmd: list[str]) -> str:
-        try:
-            out = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
-        except OSError:
-            return "not installed"
-        return (out.stdout + out.stderr).decode(errors="replace").strip().splitlines()[0]
-
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "aioquic": version("aioquic"),
-        "uvloop": version("uvloop"),
-        "h2": version("h2"),
-        "nginx": tool([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
-        "caddy": tool(["caddy", "version"]),
-        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-    }
 
 
 def _median_rep(reps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -324,31 +299,13 @@ def markdown_table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(rows)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(value: str) -> Any:
-        v = cast(value)
-        if v <= 0:
-            raise argparse.ArgumentTypeError("must be > 0")
-        return v
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "-d", "--duration", type=_positive(float), default=15.0, help="measured seconds per target"
-    )
+    p.add_argument("-d", "--duration", type=positive(float), default=15.0, help="measured seconds per target")
     p.add_argument("-w", "--warmup", type=float, default=3.0, help="warm-up seconds per target")
-    p.add_argument("-c", "--connections", type=_positive(int), default=4)
-    p.add_argument(
-        "-m", "--streams", type=_positive(int), default=8, help="concurrent streams per connection"
-    )
-    p.add_argument("-p", "--processes", type=_positive(int), default=1, help="load generator processes")
+    p.add_argument("-c", "--connections", type=positive(int), default=4)
+    p.add_argument("-m", "--streams", type=positive(int), default=8, help="concurrent streams per connection")
+    p.add_argument("-p", "--processes", type=positive(int), default=1, help="load generator processes")
     p.add_argument("--path", default="/")
     p.add_argument("--body-size", type=int, default=0, help="POST bodies of this size instead of GET")
     p.add_argument(
@@ -356,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--rounds",
-        type=_positive(int),
+        type=positive(int),
         default=1,
         help="measure every target this many times, interleaved; the table shows the median round",
     )
@@ -374,10 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
         p.error(f"unknown targets: {sorted(unknown)}")
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     bench = Bench(args)
-    info = machine_info()
+    info = machine_info(
+        ("aioquic", "uvloop", "h2"),
+        {"nginx": [shutil.which("nginx") or "/usr/sbin/nginx", "-v"], "caddy": ["caddy", "version"]},
+    )
     cmdline = " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"$ {cmdline}")
     for k, v in info.items():
