@@ -54,6 +54,10 @@ NETWORK_FILTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "microenvoy.filters.network.mqtt_proxy",
         (_TYPE + "microenvoy.extensions.filters.network.mqtt_proxy.v1.MqttProxy",),
     ),
+    "microenvoy.filters.network.coap_proxy": (
+        "microenvoy.filters.network.coap_proxy",
+        (_TYPE + "microenvoy.extensions.filters.network.coap_proxy.v1.CoapProxy",),
+    ),
 }
 
 

@@ -97,6 +97,7 @@ __all__ = [
 TYPE_PREFIX = "type.googleapis.com/"
 TLS_SOCKET = "envoy.transport_sockets.tls"
 QUIC_SOCKET = "envoy.transport_sockets.quic"
+COAP_PROXY = "microenvoy.filters.network.coap_proxy"
 DOWNSTREAM_TLS_TYPE = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 UPSTREAM_TLS_TYPE = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 QUIC_TRANSPORT_TYPE = TYPE_PREFIX + "envoy.extensions.transport_sockets.quic.v3.QuicDownstreamTransport"
@@ -1058,8 +1059,15 @@ def _check_listener(
     li: Listener, lp: str, clusters: Mapping[str, int], by_name: Mapping[str, Listener]
 ) -> Iterator[str]:
     udp = li.address.protocol == "UDP"
+    coap = any(nf.name == COAP_PROXY for fc in li.filter_chains for nf in fc.filters)
+    if coap:
+        yield from _check_coap_listener(li, lp, clusters)
+        return
     if udp and li.quic_options is None:
-        yield f"{lp}.udp_listener_config.quic_options: required on a UDP listener (UDP serves QUIC/HTTP/3)"
+        yield (
+            f"{lp}.udp_listener_config.quic_options: required on a UDP listener (UDP serves QUIC/HTTP/3, "
+            f"or CoAP with {COAP_PROXY})"
+        )
     sni_owner: dict[str, int] = {}
     for j, fc in enumerate(li.filter_chains):
         fp = f"{lp}.filter_chains[{j}]"
@@ -1111,6 +1119,26 @@ def _check_listener(
             yield f"{lp}.advertise_http3.listener: unknown listener {adv.listener!r}"
         elif target.address.protocol != "UDP" or target.quic_options is None:
             yield f"{lp}.advertise_http3.listener: {adv.listener!r} is not a UDP (QUIC) listener"
+
+
+def _check_coap_listener(li: Listener, lp: str, clusters: Mapping[str, int]) -> Iterator[str]:
+    if li.address.protocol != "UDP":
+        yield f"{lp}.address.socket_address.protocol: {COAP_PROXY} needs a UDP listener"
+    if li.quic_options is not None:
+        yield f"{lp}.udp_listener_config.quic_options: a CoAP listener does not serve QUIC"
+    if len(li.filter_chains) != 1:
+        yield f"{lp}.filter_chains: a CoAP listener has exactly one filter chain"
+    for j, fc in enumerate(li.filter_chains):
+        fp = f"{lp}.filter_chains[{j}]"
+        if fc.transport_socket is not None:
+            yield f"{fp}.transport_socket: not supported on a CoAP listener (no DTLS; use OSCORE)"
+        if len(fc.filters) != 1 or fc.filters[0].name != COAP_PROXY:
+            yield f"{fp}.filters: {COAP_PROXY} must be the chain's only network filter"
+        for k, nf in enumerate(fc.filters):
+            for ri, route in enumerate(getattr(nf.config, "routes", None) or ()):
+                for name in _action_clusters(getattr(route, "action", None)):
+                    if name not in clusters:
+                        yield f"{fp}.filters[{k}].typed_config.routes[{ri}].route: unknown cluster {name!r}"
 
 
 def _action_clusters(action: Any) -> list[str]:

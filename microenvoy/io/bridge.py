@@ -9,6 +9,7 @@ and the result says so, so a misbehaving upstream cannot grow the agent.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from microenvoy.core.exchange import DownstreamInfo, Exchange
@@ -41,11 +42,22 @@ class BridgeResult:
 class _Sink:
     """The ``DownstreamConnection`` of one in-process exchange: collects the response."""
 
-    __slots__ = ("body", "done", "downstream", "headers", "limit", "stream", "trailers", "truncated")
+    __slots__ = (
+        "body", "done", "downstream", "headers", "limit", "on_data", "on_headers", "stream", "trailers",
+        "truncated",
+    )  # fmt: skip
 
-    def __init__(self, downstream: DownstreamInfo, limit: int) -> None:
+    def __init__(
+        self,
+        downstream: DownstreamInfo,
+        limit: int,
+        on_headers: Callable[[Headers], None] | None = None,
+        on_data: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.downstream = downstream
         self.limit = limit
+        self.on_headers = on_headers
+        self.on_data = on_data
         self.headers: Headers | None = None
         self.body = bytearray()
         self.trailers: Headers | None = None
@@ -55,8 +67,14 @@ class _Sink:
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
         self.headers = headers
+        if self.on_headers is not None:
+            self.on_headers(headers)
 
     async def send_body(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if self.on_data is not None:
+            if data:
+                self.on_data(data)
+            return
         if len(self.body) + len(data) > self.limit:
             self.truncated = True
             if self.stream is not None:
@@ -85,9 +103,14 @@ async def forward(
     body: bytes,
     *,
     max_response_bytes: int = _DEFAULT_MAX_RESPONSE,
+    on_headers: Callable[[Headers], None] | None = None,
+    on_data: Callable[[bytes], None] | None = None,
 ) -> BridgeResult:
-    """Run one exchange (request ``headers`` with pseudo-headers, whole ``body``) through ``front``."""
-    sink = _Sink(downstream, max_response_bytes)
+    """Run one exchange (request ``headers`` with pseudo-headers, whole ``body``) through ``front``.
+
+    With ``on_data`` the response body is not collected: each piece is handed to it as it arrives (a long
+    upstream stream, e.g. an observed resource); ``on_headers`` sees the response headers first."""
+    sink = _Sink(downstream, max_response_bytes, on_headers, on_data)
     stream = ActiveStream(front, sink, 1, headers, end_stream=not body)
     sink.stream = stream
     if body:

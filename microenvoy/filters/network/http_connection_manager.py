@@ -64,6 +64,7 @@ __all__ = [
     "parse_http_filters",
     "parse_route_action",
     "parse_route_configuration",
+    "parse_route_match",
 ]
 
 NAME = "envoy.filters.network.http_connection_manager"
@@ -417,7 +418,7 @@ def _parse_virtual_host(r: Reader) -> VirtualHost:
 
 def _parse_route(r: Reader) -> Route:
     name: str = r.string("name")
-    match = r.object("match", _parse_route_match, required=True) or RouteMatch(prefix="/")
+    match = r.object("match", parse_route_match, required=True) or RouteMatch(prefix="/")
     not_supported(
         r,
         "redirect",
@@ -452,7 +453,7 @@ def _parse_route(r: Reader) -> Route:
     )
 
 
-def _parse_route_match(r: Reader) -> RouteMatch:
+def parse_route_match(r: Reader) -> RouteMatch:
     kind = r.one_of("prefix", "path", "safe_regex")
     r.ignore("prefix", "path", "safe_regex")
     not_supported(

@@ -909,7 +909,8 @@ def test_unknown_network_filter_name() -> None:
     errors = errors_of(doc)
     assert errors == [
         L0 + ".filter_chains[0].filters[0].name: unknown extension 'envoy.filters.network.nope' (known: "
-        "envoy.filters.network.http_connection_manager, microenvoy.filters.network.mqtt_proxy)"
+        "envoy.filters.network.http_connection_manager, microenvoy.filters.network.coap_proxy, "
+        "microenvoy.filters.network.mqtt_proxy)"
     ]
 
 
@@ -995,7 +996,8 @@ def test_filter_parser_errors_carry_the_filter_path() -> None:
 def test_udp_listener_rules(tmp_path: Path) -> None:
     doc = bootstrap(listeners=[listener("q", 8443, "UDP")])
     assert errors_of(doc) == [
-        L0 + ".udp_listener_config.quic_options: required on a UDP listener (UDP serves QUIC/HTTP/3)",
+        L0 + ".udp_listener_config.quic_options: required on a UDP listener (UDP serves QUIC/HTTP/3, "
+        "or CoAP with microenvoy.filters.network.coap_proxy)",
         L0
         + ".filter_chains[0].transport_socket: a QUIC listener needs envoy.transport_sockets.quic with a TLS "
         "certificate",
