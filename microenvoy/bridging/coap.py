@@ -501,7 +501,7 @@ def _directives(headers: Headers) -> dict[str, str]:
 
 
 def _seconds(value: str) -> int:
-    """delta-seconds; a malformed value counts as 0 (stale, RFC 9111 §1.2.2)."""
+    """delta-seconds; a malformed value counts as 0 (stale, RFC 9111 §4.2.1)."""
     return min(int(value), MAX_AGE_MAX) if value.isdigit() else 0
 
 

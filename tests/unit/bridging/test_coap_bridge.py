@@ -709,13 +709,19 @@ _option = st.tuples(
         st.sampled_from([b".", b"..", b"../x", b"a/..", b"%2e%2e", b"\\..", b"x/y", b""]),
     ),
 )
+_segment = st.one_of(
+    st.binary(max_size=12),
+    st.sampled_from([b".", b"..", b"../x", b"a/..", b"%2e%2e", b"\\..", b"x/y", b""]),
+    st.text(alphabet="./\\a%2eE", max_size=6).map(str.encode),
+)
+_uri_paths = st.lists(_segment, max_size=5).map(lambda segs: [(Opt.URI_PATH, s) for s in segs])
 _messages = st.builds(
     Message,
     mtype=st.integers(0, 3),
     code=st.one_of(st.integers(1, 7), st.integers(0, 255)),
     mid=st.just(1),
     token=st.binary(max_size=8),
-    options=st.lists(_option, max_size=10).map(sort_options),
+    options=st.tuples(_uri_paths, st.lists(_option, max_size=6)).map(lambda t: sort_options(t[0] + t[1])),
     payload=st.binary(max_size=32),
 )
 _prefixes = st.sampled_from(["", "/api", "/api/", "coap", "/a/b"])
