@@ -1,8 +1,8 @@
 """A bare aiocoap server: the limit the CoAP benchmark compares microenvoy with, and the memory probe.
 
     .venv/bin/python bench/coap_bare.py --port 5683 [--path bench] [--payload-size 3]
-    .venv/bin/python bench/coap_bare.py --port 0 --debug-memory 50000      # tracemalloc every 50k requests
-    .venv/bin/python bench/coap_bare.py --port 0 --exchange-lifetime 10    # the workaround, see below
+    .venv/bin/python bench/coap_bare.py --port 0 --debug-memory 50000   # what aiocoap holds, every 50k
+    .venv/bin/python bench/coap_bare.py --port 0 --exchange-lifetime 10 # the workaround, see below
 
 One aiocoap ``Context`` (``create_server_context``, the ``udp6`` transport only, bound to ``--bind``) with a
 ``resource.Site`` holding one resource at ``--path``: GET answers 2.05 with ``--payload-size`` bytes
@@ -10,12 +10,13 @@ One aiocoap ``Context`` (``create_server_context``, the ``udp6`` transport only,
 ``{"event": "listening", "port": P, "pid": N}``, then serves until SIGTERM/SIGINT. asyncio's own loop: the
 ``udp6`` transport needs ``recvmsg`` with ancillary data, which it does on a selector loop.
 
-``--debug-memory N`` starts ``tracemalloc`` (``--trace-frames`` deep) and every N requests prints (stdout,
-``#``-prefixed) the RSS, the sizes of aiocoap's per-message structures (the message manager's
-``_recent_messages`` deduplication cache, ``_active_exchanges``, ``_piggyback_opportunities``, the token
-manager's ``incoming_requests``, the loop's scheduled timers), the object counts of the aiocoap types and the
-top allocations by traceback, plus the growth since the previous dump. ``--exchange-lifetime S`` replaces
-aiocoap's EXCHANGE_LIFETIME (247 s, RFC 7252 §4.8.2), for which the deduplication cache keeps every request
+``--debug-memory N`` prints every N requests (stdout, ``#``-prefixed) the RSS, the sizes of aiocoap's
+per-message structures (the message manager's ``_recent_messages`` deduplication cache,
+``_active_exchanges``, ``_piggyback_opportunities``, the token manager's ``incoming_requests``, the loop's
+scheduled timers) and the object counts of the aiocoap types, with their growth since the previous dump;
+``--trace-frames F`` also runs ``tracemalloc`` (F frames deep; slow: it cuts the request rate by an order
+of magnitude) and adds the top allocations by traceback. ``--exchange-lifetime S`` replaces aiocoap's
+EXCHANGE_LIFETIME (247 s, RFC 7252 §4.8.2), for which the deduplication cache keeps every request
 (``TransportTuning`` is a class, aiocoap has no public setting for it): how long it keeps them is what bounds
 the memory.
 """
@@ -54,12 +55,13 @@ class MemoryProbe:
 
     def __init__(self, every: int, frames: int, top: int) -> None:
         self.every = every
+        self.frames = frames
         self.top = top
         self.count = 0
         self.context: aiocoap.Context | None = None
         self.previous: tracemalloc.Snapshot | None = None
         self.previous_types: collections.Counter[str] = collections.Counter()
-        if every:
+        if every and frames:
             tracemalloc.start(frames)
 
     def __repr__(self) -> str:
@@ -92,11 +94,8 @@ class MemoryProbe:
 
     def dump(self) -> None:
         gc.collect()
-        snap = tracemalloc.take_snapshot().filter_traces(
-            (tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen *>"))
-        )
-        traced, _peak = tracemalloc.get_traced_memory()
-        lines = [f"# ---- {self.count} requests: RSS {_rss_kib()} KiB, tracemalloc {traced >> 10} KiB"]
+        traced = tracemalloc.get_traced_memory()[0] >> 10 if self.frames else "off"
+        lines = [f"# ---- {self.count} requests: RSS {_rss_kib()} KiB, tracemalloc {traced} KiB"]
         lines += [f"#   {k}: {v}" for k, v in self.structures().items()]
         types: collections.Counter[str] = collections.Counter(
             type(o).__module__ + "." + type(o).__qualname__
@@ -107,6 +106,16 @@ class MemoryProbe:
         for name, n in types.most_common(12):
             lines.append(f"#     {n:>9} {n - self.previous_types.get(name, 0):>+9}  {name}")
         self.previous_types = types
+        if self.frames:
+            lines += self.allocations()
+        print("\n".join(lines), flush=True)
+
+    def allocations(self) -> list[str]:
+        """The top allocation sites by traceback and their growth since the previous dump."""
+        snap = tracemalloc.take_snapshot().filter_traces(
+            (tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen *>"))
+        )
+        lines = []
         stats = snap.compare_to(self.previous, "traceback") if self.previous else snap.statistics("traceback")
         lines.append(f"#   top {self.top} allocations by traceback (size, growth, count):")
         for st in stats[: self.top]:
@@ -116,7 +125,7 @@ class MemoryProbe:
                 lines.append("#       " + fr.strip())
         self.previous = snap
         linecache.clearcache()
-        print("\n".join(lines), flush=True)
+        return lines
 
 
 class BenchResource(aiocoap.resource.Resource):
@@ -178,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--debug-memory", type=int, default=0, metavar="N", help="dump allocations every N requests"
     )
-    p.add_argument("--trace-frames", type=int, default=8, help="tracemalloc traceback depth")
+    p.add_argument(
+        "--trace-frames",
+        type=int,
+        default=0,
+        help="with --debug-memory: tracemalloc depth (0: no tracemalloc)",
+    )
     p.add_argument("--top", type=int, default=8, help="allocation sites per dump")
     p.add_argument("--exchange-lifetime", type=float, default=0.0, help="override 247 s (seconds, > 0)")
     args = p.parse_args(argv)
