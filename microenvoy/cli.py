@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--https-port", type=int, default=10443, help="HTTP/3 (UDP) and TLS (TCP) listeners")
     d.add_argument("--admin-port", type=int, default=9901)
     d.add_argument("--mqtt-port", type=int, default=1883, help="MQTT 3.1.1 / 5.0 listener (TCP)")
+    d.add_argument("--coap-port", type=int, default=5683, help="CoAP listener (UDP)")
     d.add_argument("--log-level", default="info")
     d.add_argument("--admin-address-path", help="write the bound admin address (host:port) to this file")
     d.set_defaults(func=_cmd_demo)

@@ -96,6 +96,27 @@ def _mqtt_proxy() -> dict[str, Any]:
     }
 
 
+def _coap_proxy() -> dict[str, Any]:
+    """CoAP on 5683/udp: ``/demo/...`` routed to the demo upstream (RFC 8075 mapping, blockwise, Observe by
+    polling the upstream every 2 s, ``/.well-known/core``)."""
+    return {
+        "name": "microenvoy.filters.network.coap_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/microenvoy.extensions.filters.network.coap_proxy.v1.CoapProxy",
+            "stat_prefix": "coap",
+            "routes": [
+                {
+                    "name": "demo",
+                    "match": {"prefix": "/demo/"},
+                    "route": {"cluster": "demo_upstream", "timeout": "5s"},
+                    "observe": {"mode": "poll", "interval": "2s"},
+                    "link": {"rt": "demo", "ct": "50"},
+                }
+            ],
+        },
+    }
+
+
 def _hcm(stat_prefix: str, codec: str) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
@@ -147,7 +168,7 @@ def _hcm(stat_prefix: str, codec: str) -> dict[str, Any]:
 
 
 def demo_config(cert: str, key: str, upstream_port: int, *, http_port: int = 10000,
-                https_port: int = 10443, admin_port: int = 9901, mqtt_port: int = 1883,
+                https_port: int = 10443, admin_port: int = 9901, mqtt_port: int = 1883, coap_port: int = 5683,
                 address: str = "127.0.0.1") -> dict[str, Any]:  # fmt: skip
     tls_certs = [{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}]
     return {
@@ -205,6 +226,13 @@ def demo_config(cert: str, key: str, upstream_port: int, *, http_port: int = 100
                     "address": {"socket_address": {"address": address, "port_value": mqtt_port}},
                     "filter_chains": [{"filters": [_mqtt_proxy()]}],
                 },
+                {
+                    "name": "coap",
+                    "address": {
+                        "socket_address": {"address": address, "port_value": coap_port, "protocol": "UDP"}
+                    },
+                    "filter_chains": [{"filters": [_coap_proxy()]}],
+                },
             ],
             "clusters": [
                 {
@@ -254,12 +282,16 @@ async def run_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="microenvoy-demo-") as tmp:
         cert, key = self_signed_certificate(tmp)
         doc = demo_config(cert, key, upstream.port, http_port=args.http_port, https_port=args.https_port,
-                          admin_port=args.admin_port, mqtt_port=args.mqtt_port)  # fmt: skip
+                          admin_port=args.admin_port, mqtt_port=args.mqtt_port,
+                          coap_port=getattr(args, "coap_port", 5683))  # fmt: skip
         server = Server(parse_bootstrap(doc), admin_address_path=getattr(args, "admin_address_path", None))
         await server.start()
         ports = {d["name"]: d["local_address"]["socket_address"]["port_value"] for d in server.listeners()}
         admin = server.admin.port if server.admin else 0
-        print(_banner(ports["http"], ports["https"], ports["h3"], admin, cert, ports["mqtt"]), flush=True)
+        banner = _banner(
+            ports["http"], ports["https"], ports["h3"], admin, cert, ports["mqtt"], ports["coap"]
+        )
+        print(banner, flush=True)
         try:
             await server.serve()
         finally:
@@ -267,7 +299,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _banner(http: int, https: int, h3: int, admin: int, cert: str, mqtt: int) -> str:
+def _banner(http: int, https: int, h3: int, admin: int, cert: str, mqtt: int, coap: int) -> str:
     return f"""
 microenvoy demo is running (Ctrl-C to stop)
 
@@ -275,6 +307,7 @@ microenvoy demo is running (Ctrl-C to stop)
   HTTPS (h2, 1.1)    https://127.0.0.1:{https}/         (TCP, self-signed certificate)
   HTTP/3 (QUIC)      https://127.0.0.1:{h3}/         (UDP, same certificate)
   MQTT 3.1.1 / 5.0   mqtt://127.0.0.1:{mqtt}            (TCP; local broker, demo/# bridged upstream)
+  CoAP               coap://127.0.0.1:{coap}            (UDP; /demo/... routed upstream, Observe, blockwise)
   admin              http://127.0.0.1:{admin}/
   upstream           built-in h2c echo + gRPC echo (/microenvoy.demo.v1.Echo/Echo echoes any message)
 
@@ -286,6 +319,8 @@ Try:
   python -m microenvoy.tools.h3get --grpc /microenvoy.demo.v1.Echo/Echo https://127.0.0.1:{h3}/
   mosquitto_pub -p {mqtt} -t demo/sensor/1 -m '{{"t": 21.5}}' -q 1    # acked after the upstream's 200
   mosquitto_rr -p {mqtt} -t demo/hello -e demo-replies/1 -m hi         # MQTT 5: prints what the upstream got
+  coap-client-notls -m get coap://127.0.0.1:{coap}/demo/hello             # libcoap; 2.05 + the echo
+  coap-client-notls -m get -s 6 coap://127.0.0.1:{coap}/demo/clock         # Observe for 6 s
   curl -s http://127.0.0.1:{admin}/stats?filter=downstream_rq
   (certificate: {cert})
 """

@@ -24,7 +24,7 @@ import random as _random
 import signal
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from microenvoy import __version__
 from microenvoy.admin import logging as admin_logging
@@ -42,6 +42,7 @@ from microenvoy.io.upstream import ClusterManager
 
 if TYPE_CHECKING:  # QUIC (aioquic, ~12 MiB resident) is imported only when a UDP listener is configured
     from microenvoy.config.tracing import Tracing
+    from microenvoy.io.coap_front import CoapListener
     from microenvoy.io.quic_front import QuicListener
     from microenvoy.io.trace_export import SpanExporter
 
@@ -64,6 +65,20 @@ def _mqtt_proxy(chain: FilterChain) -> Any:
         if f.name == "microenvoy.filters.network.mqtt_proxy":
             return f.config
     return None
+
+
+def _coap_proxy(chain: FilterChain) -> Any:
+    for f in chain.filters:
+        if f.name == "microenvoy.filters.network.coap_proxy":
+            return f.config
+    return None
+
+
+def _kind(lc: Listener) -> str:
+    """``tcp``, ``quic`` or ``coap``: a listener whose kind changes on reload is replaced, not updated."""
+    if any(_coap_proxy(c) is not None for c in lc.filter_chains):
+        return "coap"
+    return "quic" if lc.address.protocol == "UDP" else "tcp"
 
 
 def _hcm(chain: FilterChain) -> HttpConnectionManager:
@@ -94,7 +109,7 @@ class Server:
         self.state = "PRE_INITIALIZING"
         self.started_at = time.time()
         self.clusters = ClusterManager(bootstrap.static_resources.clusters, self.stats, random=self.random)
-        self._lst: dict[str, TcpListener | QuicListener] = {}
+        self._lst: dict[str, TcpListener | QuicListener | CoapListener] = {}
         self._listener_configs: dict[str, Listener] = {}
         self._brokers: dict[tuple[str, str, Any], Any] = {}
         """Local MQTT brokers by (listener, stat_prefix, bounds): sessions survive a reload."""
@@ -194,7 +209,7 @@ class Server:
         errors: list[str] = []
         names = {lc.name: lc for lc in b.static_resources.listeners}
         for i, lc in enumerate(b.static_resources.listeners):
-            if lc.address.protocol == "UDP" and len(lc.filter_chains) > 1:
+            if lc.address.protocol == "UDP" and lc.quic_options is not None and len(lc.filter_chains) > 1:
                 log.warning("listener %s: QUIC uses its first filter chain only", lc.name)
             chains: list[FilterChainRuntime] = []
             for j, chain in enumerate(lc.filter_chains):
@@ -204,6 +219,10 @@ class Server:
                         if lc.address.protocol == "UDP":
                             raise ConfigError(["filters: an MQTT listener needs a TCP address"])
                         chains.append(self._mqtt_chain(lc, chain, mqtt))
+                        continue
+                    coap = _coap_proxy(chain)
+                    if coap is not None:
+                        chains.append(self._coap_chain(lc, coap))
                         continue
                     hcm = _hcm(chain)
                     loggers = tuple(self._access_logger(a) for a in hcm.access_log)
@@ -255,6 +274,22 @@ class Server:
         tls = server_context(chain.transport_socket, ["mqtt"]) if chain.transport_socket is not None else None
         return FilterChainRuntime(chain.server_names, None, tls, mqtt=front)
 
+    def _coap_chain(self, lc: Listener, config: Any) -> FilterChainRuntime:
+        from microenvoy.io.coap_front import CoapFront, coap_http_config  # only agents with CoAP load it
+
+        hcm = coap_http_config(config)
+        http = HttpFront(
+            hcm,
+            clusters=self.clusters,
+            stats=self.stats,
+            rng=self.random,
+            health=self.health,
+            access_loggers=tuple(self._access_logger(a) for a in hcm.access_log),
+            buffer_limit=lc.per_connection_buffer_limit_bytes,
+        )
+        front = CoapFront(config, http, stats=self.stats, listener_name=lc.name)
+        return FilterChainRuntime((), None, None, coap=front)
+
     def _access_logger(self, config: AccessLog) -> AccessLogger:
         logger = self._access_loggers.get(config)
         if logger is None:
@@ -288,8 +323,13 @@ class Server:
         addr = lc.address
         scope = self.stats.scope(f"listener.{addr.address}_{addr.port_value}.")
         chain = lc.filter_chains[0]
-        lst: TcpListener | QuicListener
-        if addr.protocol == "UDP":
+        lst: TcpListener | QuicListener | CoapListener
+        if chains and chains[0].coap is not None:
+            from microenvoy.io.coap_front import CoapListener
+
+            lst = CoapListener(lc.name, addr.address, addr.port_value, chains[0].coap, stats=scope)
+            lst.export_stats(self.stats)
+        elif addr.protocol == "UDP":
             assert lc.quic_options is not None
             assert chain.transport_socket is not None
             from microenvoy.io.quic_front import QuicListener
@@ -344,7 +384,7 @@ class Server:
         for name in list(self._lst):
             old_cfg = self._listener_configs[name]
             lc = new.get(name)
-            if lc is not None and lc.address == old_cfg.address:
+            if lc is not None and lc.address == old_cfg.address and _kind(lc) == _kind(old_cfg):
                 continue
             lst = self._lst.pop(name)
             self._listener_configs.pop(name)
@@ -361,12 +401,15 @@ class Server:
                     log.error("listener %s: cannot bind %s: %s", name, lc.address, exc)
                 continue
             chain = lc.filter_chains[0]
-            if not isinstance(existing, TcpListener):
+            if isinstance(existing, TcpListener):
+                existing.update(front, lc.max_connections)
+            elif front and front[0].coap is not None:
+                cast("CoapListener", existing).update(front[0].coap)
+            else:
                 assert lc.quic_options is not None
                 assert chain.transport_socket is not None
-                existing.update(front[0].front, lc.quic_options, chain.transport_socket, lc.max_connections)
-            else:
-                existing.update(front, lc.max_connections)
+                quic = cast("QuicListener", existing)
+                quic.update(front[0].front, lc.quic_options, chain.transport_socket, lc.max_connections)
             self._listener_configs[name] = lc
         self.bootstrap = b
         self.reloads.inc()

@@ -413,7 +413,7 @@ class TcpHttpConnection(asyncio.Protocol):
 class FilterChainRuntime:
     """One filter chain of a listener at run time: SNI names, HTTP front and TLS context."""
 
-    __slots__ = ("front", "mqtt", "server_names", "ssl_context")
+    __slots__ = ("coap", "front", "mqtt", "server_names", "ssl_context")
 
     def __init__(
         self,
@@ -422,6 +422,7 @@ class FilterChainRuntime:
         ssl_context: ssl.SSLContext | None,
         *,
         mqtt: MqttFront | None = None,
+        coap: Any = None,
     ):
         self.server_names = server_names
         self.front = cast(HttpFront, front)
@@ -429,6 +430,8 @@ class FilterChainRuntime:
         self.ssl_context = ssl_context
         self.mqtt = mqtt
         """The MQTT front when the chain's network filter is ``mqtt_proxy``."""
+        self.coap = coap
+        """The ``microenvoy.io.coap_front.CoapFront`` when the chain's network filter is ``coap_proxy``."""
 
     def matches(self, sni: str) -> int:
         """Match quality for ``sni``: 2 exact, 1 wildcard (longer suffix wins via ranking), 0 default, -1."""

@@ -91,7 +91,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     log = (tmp / "demo.log").open("w")
     proc = subprocess.Popen(
         [*MICROENVOY, "demo", "--http-port", "0", "--https-port", "0", "--admin-port", "0",
-         "--mqtt-port", "0", "--admin-address-path", str(addr_file)],
+         "--mqtt-port", "0", "--coap-port", "0", "--admin-address-path", str(addr_file)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )  # fmt: skip
     try:
@@ -176,6 +176,25 @@ def test_demo_mqtt_bridge_with_mosquitto_clients(demo) -> None:  # type: ignore[
     assert echo["path"] == "/demo/hello"
     with urllib.request.urlopen(admin + "/stats?filter=mqtt.mqtt.bridge_rq_2xx", timeout=5) as r:
         assert b"mqtt.mqtt.bridge_rq_2xx: 2" in r.read()
+
+
+def test_demo_coap_with_libcoap_client(demo) -> None:  # type: ignore[no-untyped-def]
+    _, admin, ports, _ = demo
+    url = f"coap://127.0.0.1:{ports['coap']}/demo/hello"
+    get = subprocess.run(
+        ["coap-client-notls", "-m", "get", url], capture_output=True, timeout=30, check=False
+    )
+    assert get.returncode == 0, get.stderr
+    echo = json.loads(get.stdout)
+    assert echo["path"] == "/demo/hello"
+    assert echo["method"] == "GET"
+    wkc = subprocess.run(
+        ["coap-client-notls", "-m", "get", f"coap://127.0.0.1:{ports['coap']}/.well-known/core"],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert wkc.stdout.strip() == b'</demo/>;rt="demo";ct=50;obs'
+    with urllib.request.urlopen(admin + "/stats?filter=coap.coap.rs_2xx", timeout=5) as r:
+        assert b"coap.coap.rs_2xx: 2" in r.read()
 
 
 def test_demo_exits_cleanly_on_sigterm(demo) -> None:  # type: ignore[no-untyped-def]

@@ -26,12 +26,13 @@ def szx_for(size: int) -> int:
 
 
 class _Item:
-    __slots__ = ("data", "expires", "size")
+    __slots__ = ("data", "expires", "meta", "size")
 
-    def __init__(self, data: bytearray | bytes, size: int, expires: float) -> None:
+    def __init__(self, data: bytearray | bytes, size: int, expires: float, meta: object = None) -> None:
         self.data = data
         self.size = size
         self.expires = expires
+        self.meta = meta
 
 
 class BlockStore:
@@ -93,16 +94,17 @@ class BlockStore:
         return "complete", bytes(item.data)
 
     # ------------------------------------------------------------------------------------ Block2
-    def put(self, key: Hashable, body: bytes, now: float) -> None:
-        """Keep a response body for later Block2 requests."""
+    def put(self, key: Hashable, body: bytes, now: float, meta: object = None) -> None:
+        """Keep a response body (and ``meta``, e.g. its code and options) for later Block2 requests."""
         k = ("b2", key)
         self.drop(k)
-        item = _Item(body, 0, now + self.lifetime)
+        item = _Item(body, 0, now + self.lifetime, meta)
         self._items[k] = item
         self._grow(item, len(body))
         self._bound(now, keep=k)
 
-    def get(self, key: Hashable, now: float) -> bytes | None:
+    def get(self, key: Hashable, now: float) -> tuple[bytes, object] | None:
+        """``(body, meta)`` kept by ``put``, or None (never stored, expired or evicted)."""
         k = ("b2", key)
         item = self._items.get(k)
         if item is None:
@@ -111,7 +113,7 @@ class BlockStore:
             self.drop(k)
             return None
         data = item.data
-        return data if isinstance(data, bytes) else bytes(data)
+        return (data if isinstance(data, bytes) else bytes(data)), item.meta
 
     # ------------------------------------------------------------------------------------ bounds
     def drop(self, k: Hashable) -> None:

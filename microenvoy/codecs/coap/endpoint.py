@@ -223,6 +223,7 @@ class ServerEndpoint:
             return
         req.answered = True
         m = req.message
+        raw: bytes | None
         if m.mtype == CON and not req.acked:
             raw = encode(Message(ACK, code, m.mid, m.token, options, payload))
         elif m.mtype == CON:

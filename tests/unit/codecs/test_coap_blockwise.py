@@ -50,8 +50,8 @@ def test_expired_transfer_is_forgotten() -> None:
 
 def test_block2_bodies() -> None:
     s = store()
-    s.put("r", b"x" * 100, 0.0)
-    assert s.get("r", 1.0) == b"x" * 100
+    s.put("r", b"x" * 100, 0.0, "meta")
+    assert s.get("r", 1.0) == (b"x" * 100, "meta")
     assert s.get("r", 61.0) is None
 
 
