@@ -38,6 +38,8 @@ __all__ = [
     "MappingError",
     "content_format_for",
     "error_response",
+    "grpc_request",
+    "grpc_response",
     "media_type_for",
     "request_headers",
     "response_options",
@@ -751,3 +753,51 @@ def error_response(
     elif kind == "too_large" and size1 is not None:
         options.append((Opt.SIZE1, _uint(max(0, min(size1, MAX_AGE_MAX)))))
     return code, options, _diagnostic(text)
+
+
+# ------------------------------------------------------------------------------------------- gRPC routes
+_GRPC_CODES: dict[int, int] = {
+    3: Code.BAD_REQUEST,  # INVALID_ARGUMENT
+    5: Code.NOT_FOUND,
+    6: 0x80 | 9,  # ALREADY_EXISTS -> 4.09 Conflict
+    7: Code.FORBIDDEN,  # PERMISSION_DENIED
+    8: 0x80 | 29,  # RESOURCE_EXHAUSTED -> 4.29 Too Many Requests
+    9: 0x80 | 12,  # FAILED_PRECONDITION -> 4.12
+    11: Code.BAD_REQUEST,  # OUT_OF_RANGE
+    12: 0xA1,  # UNIMPLEMENTED -> 5.01
+    14: 0xA3,  # UNAVAILABLE -> 5.03
+    4: 0xA4,  # DEADLINE_EXCEEDED -> 5.04
+    16: Code.UNAUTHORIZED,  # UNAUTHENTICATED
+}
+
+
+def grpc_request(headers: Headers, body: bytes, method: str) -> tuple[Headers, bytes]:
+    """Turn a mapped request into a unary gRPC call of ``method`` (``/pkg.Service/Method``): the CoAP payload
+    is the serialized request message, sent as one length-prefixed message."""
+    keep = [
+        (k, v)
+        for k, v in headers.items()
+        if k not in (b":method", b":path", b"content-type", b"content-length", b"accept", b"if-none-match")
+    ]
+    out = Headers([(b":method", b"POST"), (b":path", method.encode()), *keep])
+    out.set(b"content-type", b"application/grpc")
+    out.set(b"te", b"trailers")
+    return out, len(body).to_bytes(5, "big") + body
+
+
+def grpc_response(
+    method_code: int, status: int, headers: Headers, trailers: Headers | None, body: bytes
+) -> CoapResponse:
+    """A unary gRPC answer -> CoAP: grpc-status 0 gives the method's 2.xx with the response message as an
+    ``application/octet-stream`` payload; other statuses map to 4.xx/5.xx with grpc-message as diagnostic."""
+    if status != 200:
+        return response_options(method_code, status, headers, b"")
+    source = trailers if trailers is not None and trailers.get(b"grpc-status") is not None else headers
+    raw = source.get(b"grpc-status")
+    grpc_status = int(raw) if raw is not None and raw.isdigit() else 2
+    if grpc_status != 0:
+        message = (source.get(b"grpc-message") or b"").decode("utf-8", "replace")
+        return _GRPC_CODES.get(grpc_status, Code.INTERNAL_SERVER_ERROR), [], _diagnostic(message)
+    if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+        return Code.BAD_GATEWAY, [(Opt.MAX_AGE, b"")], _diagnostic("not one uncompressed gRPC message")
+    return _success(method_code), [(Opt.CONTENT_FORMAT, _uint(42))], body[5:]

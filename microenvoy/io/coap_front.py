@@ -23,7 +23,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from microenvoy.bridging.coap import MappingError, error_response, request_headers, response_options
+from microenvoy.bridging.coap import (
+    MappingError,
+    error_response,
+    grpc_request,
+    grpc_response,
+    request_headers,
+    response_options,
+)
 from microenvoy.codecs.coap.blockwise import BlockStore, size_of, szx_for
 from microenvoy.codecs.coap.endpoint import Gone, Request, ServerEndpoint
 from microenvoy.codecs.coap.message import (
@@ -181,9 +188,11 @@ class _Resource:
         route: CoapRoute,
         method: int,
         headers: Headers,
+        body: bytes,
         downstream: DownstreamInfo,
     ) -> None:
         self.listener = listener
+        self.body = body
         self.key = key
         self.front = front
         self.route = route
@@ -217,7 +226,7 @@ class _Resource:
     def _request(self, etag: bytes | None) -> Headers:
         h = Headers(list(self.headers.items()))
         h.remove(b"if-none-match")
-        if etag is not None:
+        if etag is not None and self.route.grpc_method is None:
             h.set(b"if-none-match", b'"' + etag.hex().encode() + b'"')
         return h
 
@@ -231,7 +240,7 @@ class _Resource:
                 await asyncio.sleep(interval)
             stats.observe_refresh.inc()
             result = await forward(
-                self.front.http, self.downstream, self._request(None if first else self.etag), b"",
+                self.front.http, self.downstream, self._request(None if first else self.etag), self.body,
                 max_response_bytes=self.route.max_body_bytes,
             )  # fmt: skip
             response = self.listener.map_result(self.front, self.method, result, self.route)
@@ -268,7 +277,7 @@ class _Resource:
                 self._on_stream_data(data, grpc[0], ctype[0])
 
             result = await forward(
-                self.front.http, self.downstream, self._request(None), b"",
+                self.front.http, self.downstream, self._request(None), self.body,
                 on_headers=on_headers, on_data=on_data,
             )  # fmt: skip
             if not self.ready.done():  # the stream ended (or failed) before its first message
@@ -606,11 +615,15 @@ class CoapListener:
             listener_name=self.name,
             peer_sans=(principal,) if principal else (),
         )
+        if route is not None and route.grpc_method is not None:
+            headers, body = grpc_request(headers, body, route.grpc_method)
         # ---- Observe (RFC 7641)
         observe = msg.uint(Opt.OBSERVE) if msg.code == GET else None
         if observe is not None and route is not None and route.observe is not None:
             if observe == 0:
-                return await self._register(front, route, req, msg, headers, downstream, rkey, oreq, want_szx)
+                return await self._register(
+                    front, route, req, msg, headers, body, downstream, rkey, oreq, want_szx
+                )
             if observe == 1:
                 self._deregister(rkey, front, remote, msg.token)
         # ---- the exchange
@@ -694,6 +707,8 @@ class CoapListener:
             return error_response("unreachable")
         if ResponseFlag.NO_ROUTE_FOUND in flags:
             return error_response("no_route")
+        if route is not None and route.grpc_method is not None:
+            return grpc_response(method, result.status, result.headers, result.trailers, result.body)
         try:
             return response_options(method, result.status, result.headers, result.body)
         except MappingError as exc:
@@ -708,6 +723,7 @@ class CoapListener:
         req: Request,
         msg: Message,
         headers: Headers,
+        body: bytes,
         downstream: DownstreamInfo,
         rkey: tuple[Any, ...],
         oreq: Any,
@@ -722,7 +738,7 @@ class CoapListener:
                 front.stats.observe_rejected.inc()
                 res = None
             else:
-                res = _Resource(self, key, front, route, msg.code, headers, downstream)
+                res = _Resource(self, key, front, route, msg.code, headers, body, downstream)
                 self.resources[key] = res
                 front.stats.observed_resources.inc()
                 res.start()

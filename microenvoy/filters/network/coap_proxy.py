@@ -82,6 +82,9 @@ class CoapRoute:
     action: RouteAction
     observe: Observe | None = None
     """Observe (RFC 7641) on this route's resources; None: Observe is ignored (a plain response)."""
+    grpc_method: str | None = None
+    """``route.grpc.method``: requests become unary (or, observed in ``stream`` mode, server-streaming)
+    gRPC calls of this ``/package.Service/Method``; the payload is the serialized request message."""
     max_body_bytes: int = 65536
     """Largest request body reassembled from Block1 and response body returned (4.13 / 5.02 beyond)."""
     link: tuple[tuple[str, str], ...] = ()
@@ -177,7 +180,20 @@ def _positive_duration(r: Reader, key: str, default: float) -> float:
 def _parse_route(r: Reader) -> CoapRoute:
     name: str = r.string("name")
     match = r.object("match", hcm.parse_route_match, required=True) or RouteMatch(prefix="/")
-    action = r.object("route", hcm.parse_route_action, required=True) or RouteAction()
+    action = RouteAction()
+    grpc_method: str | None = None
+    a = r.mapping("route", required=True)
+    if a is not None:
+        g = a.mapping("grpc")
+        if g is not None:
+            grpc_method = g.string("method", required=True)
+            if isinstance(g.raw.get("method"), str) and (
+                grpc_method.count("/") != 2 or not grpc_method.startswith("/")
+            ):
+                g.error("expected /package.Service/Method", "method")
+            g.finish()
+        action = hcm.parse_route_action(a)
+        a.finish()
     if action.prefix_rewrite is not None and match.safe_regex is not None:
         r.error("cannot be used with a safe_regex match", "route.prefix_rewrite")
     observe = r.object("observe", _parse_observe)
@@ -200,6 +216,7 @@ def _parse_route(r: Reader) -> CoapRoute:
         match=match,
         action=action,
         observe=observe,
+        grpc_method=grpc_method,
         max_body_bytes=r.integer("max_body_bytes", 65536, min=0, max=64 * 1048576),
         link=link,
         request_headers_to_add=add,
