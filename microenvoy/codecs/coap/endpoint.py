@@ -115,6 +115,8 @@ class ServerEndpoint:
         self._mid = self.rng.randrange(0x10000)
         self._dedup: OrderedDict[tuple[Remote, int], _Entry] = OrderedDict()
         self._outstanding: dict[tuple[Remote, int], Transmission] = {}
+        self._by_token: dict[tuple[Remote, bytes], tuple[Remote, int]] = {}
+        """The latest confirmable message per (remote, token), for replacing notifications."""
         self._timers: list[tuple[float, int, tuple[Remote, int]]] = []
         self._seq = 0
         self._recent_non: OrderedDict[tuple[Remote, int], bytes] = OrderedDict()
@@ -123,6 +125,7 @@ class ServerEndpoint:
             (
                 "rx", "tx", "malformed", "duplicate", "dedup_evicted", "empty_ack", "separate",
                 "retransmit", "con_timeout", "reset_rx", "ping", "ignored", "outstanding_overflow",
+                "replaced",
             ),
             0,
         )  # fmt: skip
@@ -255,7 +258,11 @@ class ServerEndpoint:
     ) -> bool:
         """Send a notification; False if too many confirmable messages are outstanding (dropped)."""
         if confirmable:
-            raw = self._send_con(remote, code, token, options, payload, now)
+            # RFC 7641 §4.5.2: a newer notification replaces one still awaiting its ACK, and inherits its
+            # retransmission counter and timeout (so an observer that is gone is found just as fast).
+            old = self._by_token.get((remote, token))
+            prev = self._outstanding.pop(old, None) if old is not None else None
+            raw = self._send_con(remote, code, token, options, payload, now, prev)
             if raw is None:
                 return False
         else:
@@ -270,7 +277,7 @@ class ServerEndpoint:
 
     def busy(self, remote: Remote, token: bytes) -> bool:
         """A confirmable message with ``token`` to ``remote`` awaits its ACK."""
-        return any(t.remote == remote and t.token == token for t in self._outstanding.values())
+        return (remote, token) in self._by_token
 
     def next_mid(self) -> int:
         self._mid = (self._mid + 1) & 0xFFFF
@@ -284,26 +291,38 @@ class ServerEndpoint:
         options: tuple[tuple[int, bytes], ...],
         payload: bytes,
         now: float,
+        prev: Transmission | None = None,
     ) -> bytes | None:
         if len(self._outstanding) >= self.max_outstanding:
             self.stats["outstanding_overflow"] += 1
             return None
         mid = self.next_mid()
         raw = encode(Message(CON, code, mid, token, options, payload))
-        timeout = ACK_TIMEOUT * (1 + (ACK_RANDOM_FACTOR - 1) * self.rng.random())
-        t = Transmission(remote, mid, token, raw, now + timeout, timeout)
+        if prev is None:
+            timeout = ACK_TIMEOUT * (1 + (ACK_RANDOM_FACTOR - 1) * self.rng.random())
+            t = Transmission(remote, mid, token, raw, now + timeout, timeout)
+        else:
+            self.stats["replaced"] += 1
+            t = Transmission(remote, mid, token, raw, now + prev.timeout, prev.timeout, prev.attempts)
         key = (remote, mid)
         self._outstanding[key] = t
+        self._by_token[(remote, token)] = key
         self._seq += 1
         heapq.heappush(self._timers, (t.deadline, self._seq, key))
         return raw
 
+    def _forget(self, key: tuple[Remote, int]) -> Transmission | None:
+        t = self._outstanding.pop(key, None)
+        if t is not None and self._by_token.get((t.remote, t.token)) == key:
+            del self._by_token[(t.remote, t.token)]
+        return t
+
     def _acknowledged(self, remote: Remote, mid: int) -> None:
-        self._outstanding.pop((remote, mid), None)
+        self._forget((remote, mid))
 
     def _reset(self, remote: Remote, mid: int) -> None:
         self.stats["reset_rx"] += 1
-        t = self._outstanding.pop((remote, mid), None)
+        t = self._forget((remote, mid))
         token: bytes | None = t.token if t is not None else self._recent_non.pop((remote, mid), None)
         if token is not None:
             self.gone.append(Gone(remote, token, "reset"))
@@ -321,7 +340,7 @@ class ServerEndpoint:
             if t is None:
                 continue
             if t.attempts >= MAX_RETRANSMIT:
-                del self._outstanding[key]
+                self._forget(key)
                 self.stats["con_timeout"] += 1
                 self.gone.append(Gone(t.remote, t.token, "timeout"))
                 continue

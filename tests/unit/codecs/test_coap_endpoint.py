@@ -138,3 +138,23 @@ def test_outstanding_is_bounded() -> None:
     assert e.notify(R, b"b", 0x45, (), b"", confirmable=True, now=0.0, out=out)
     assert not e.notify(R, b"c", 0x45, (), b"", confirmable=True, now=0.0, out=out)
     assert e.stats["outstanding_overflow"] == 1
+
+
+def test_newer_notification_replaces_the_outstanding_one() -> None:
+    """RFC 7641 §4.5.2: one confirmable notification in flight per observer; counters carry over."""
+    e, out = ep(), []  # type: ServerEndpoint, Out
+    e.notify(R, b"o", 0x45, (), b"n1", confirmable=True, now=0.0, out=out)
+    first = decode(out[0][0]).mid
+    e.tick(e.next_deadline() or 0.0, out)  # one retransmission of n1
+    assert len(out) == 2
+    e.notify(R, b"o", 0x45, (), b"n2", confirmable=True, now=3.0, out=out)
+    assert e.stats["replaced"] == 1
+    assert len(e._outstanding) == 1
+    e.receive(encode(Message(ACK, 0, first)), R, 3.1, out)  # a late ACK of n1 does not stop n2
+    assert e.busy(R, b"o")
+    out.clear()
+    while e.next_deadline() is not None:
+        e.tick(e.next_deadline() or 0.0, out)
+    assert [decode(raw).payload for raw, _ in out] == [b"n2"] * (MAX_RETRANSMIT - 1)
+    assert e.gone == [Gone(R, b"o", "timeout")]
+    assert not e.busy(R, b"o")
