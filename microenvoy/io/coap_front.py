@@ -44,6 +44,7 @@ from microenvoy.codecs.coap.message import (
     parse_block,
     sort_options,
 )
+from microenvoy.core.errors import ConfigError
 from microenvoy.core.exchange import DownstreamInfo, ResponseFlag
 from microenvoy.core.headers import Headers
 from microenvoy.filters.network.coap_proxy import CoapProxy, CoapRoute, http_connection_manager
@@ -114,7 +115,7 @@ class _Stats:
             k: c(k)
             for k in (
                 "oscore_unknown_context", "oscore_decode_failed", "oscore_decrypt_failed", "oscore_replay",
-                "oscore_method", "oscore_required",
+                "oscore_method", "oscore_required", "oscore_context_unavailable",
             )
         }  # fmt: skip
         self.scope = scope
@@ -134,7 +135,10 @@ class CoapFront:
         if config.oscore is not None:
             from microenvoy.io.coap_oscore import OscoreServer  # aiocoap is loaded only with OSCORE
 
-            self.oscore = OscoreServer(config.oscore)
+            try:
+                self.oscore = OscoreServer(config.oscore)
+            except Exception as exc:  # OscoreStateError: an unreadable state_dir file
+                raise ConfigError([f"typed_config.oscore.state_dir: {exc}"]) from exc
         self.blocks = BlockStore(
             max_entries=config.max_block_transfers,
             max_bytes=config.max_block_bytes,
@@ -527,24 +531,30 @@ class CoapListener:
             try:
                 oreq = oscore.unprotect(msg)
             except Exception as exc:
-                stat = getattr(exc, "stat", None)
-                if stat is None:
-                    raise
-                front.stats.oscore_failures.inc()
-                counter = front.stats.oscore.get(stat)
-                if counter is not None:
-                    counter.inc()
-                return exc.code, list(exc.options), exc.payload  # type: ignore[attr-defined]
+                return self._oscore_failure(front, exc)
             front.stats.oscore_ok.inc()
             code, options, payload = await self._process(front, req, oreq.inner, oreq)
             inner = Message(msg.mtype, code, msg.mid, msg.token, sort_options(options), payload)
-            outer = oscore.protect(oreq, inner)
+            try:
+                outer = oscore.protect(oreq, inner)
+            except Exception as exc:
+                return self._oscore_failure(front, exc)
             return outer.code, list(outer.options), outer.payload
         if oscore is not None and oscore.require:
-            front.stats.oscore_failures.inc()
-            front.stats.oscore["oscore_required"].inc()
-            return UNAUTHORIZED, [(Opt.MAX_AGE, b"")], b"OSCORE required"
+            return self._oscore_failure(front, oscore.plain_refusal())
         return await self._process(front, req, msg, None)
+
+    @staticmethod
+    def _oscore_failure(front: CoapFront, exc: Exception) -> _Response:
+        """An ``OscoreError`` (anything else is ours and propagates) -> its answer, counted."""
+        stat = getattr(exc, "stat", None)
+        if stat is None:
+            raise exc
+        front.stats.oscore_failures.inc()
+        counter = front.stats.oscore.get(stat)
+        if counter is not None:
+            counter.inc()
+        return exc.code, list(exc.options), exc.payload  # type: ignore[attr-defined]
 
     async def _process(self, front: CoapFront, req: Request, msg: Message, oreq: Any) -> _Response:
         remote = req.remote
@@ -814,7 +824,14 @@ class CoapListener:
             )
             if obs.oscore is not None:
                 inner = Message(CON, ncode, 0, token, sort_options(nopts), npayload)
-                outer = front.oscore.protect(obs.oscore, inner, observe=not final)
+                try:
+                    outer = front.oscore.protect(obs.oscore, inner, observe=not final)
+                except Exception as exc:  # the context cannot send (sequence numbers, state file)
+                    if getattr(exc, "stat", None) is None:
+                        raise
+                    self._oscore_failure(front, exc)
+                    front.stats.notifications_dropped.inc()
+                    continue
                 ncode, nopts, npayload = outer.code, list(outer.options), outer.payload
             confirmable = obs.confirmable or (every > 0 and res.sent % every == 0)
             if self.endpoint.notify(
