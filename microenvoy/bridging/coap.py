@@ -2,7 +2,7 @@
 
 RFC 8075 specifies the HTTP-to-CoAP direction (an HTTP client reaching a CoAP server); the CoAP front is the
 mirror image (a CoAP client reaching HTTP upstreams, RFC 7252 §10.2). This module applies RFC 8075's tables
-inverted, and says where it had to choose; ``docs/coap-mapping.md`` has the same tables for users.
+inverted, and says where it had to choose; ``docs/coap.md`` has the same tables for users.
 
 * :func:`request_headers` turns a CoAP request into HTTP request headers (pseudo-headers first) and a body,
   or raises :class:`MappingError` carrying the CoAP error code, a diagnostic text (RFC 7252 §5.5.2) and a stat

@@ -23,7 +23,7 @@ directory) and kept only in ``OscoreContextConfig.master_secret``, which ``repr`
 
 This module does not import aiocoap (config stays cheap); the algorithm table here is checked against
 aiocoap's in the unit tests. The runtime is ``microenvoy.io.coap_oscore.OscoreServer``; user docs are in
-``docs/coap-oscore.md``.
+``docs/coap.md (OSCORE)``.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class OscoreConfig:
     """True: requests without the OSCORE option are refused with 4.01 Unauthorized."""
     state_dir: str = ""
     """Directory for persisted sender sequence numbers (RFC 8613 Appendix B.1.1); "" keeps none and starts
-    each context's sequence number at a random point (see docs/coap-oscore.md)."""
+    each context's sequence number at a random point (see docs/coap.md (OSCORE))."""
 
 
 def _hex(r: Reader, key: str, *, required: bool = False, non_empty: bool = False) -> bytes | None:
