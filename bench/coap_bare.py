@@ -94,8 +94,8 @@ class MemoryProbe:
 
     def dump(self) -> None:
         gc.collect()
-        traced = tracemalloc.get_traced_memory()[0] >> 10 if self.frames else "off"
-        lines = [f"# ---- {self.count} requests: RSS {_rss_kib()} KiB, tracemalloc {traced} KiB"]
+        traced = f"{tracemalloc.get_traced_memory()[0] >> 10} KiB" if self.frames else "off"
+        lines = [f"# ---- {self.count} requests: RSS {_rss_kib()} KiB, tracemalloc {traced}"]
         lines += [f"#   {k}: {v}" for k, v in self.structures().items()]
         types: collections.Counter[str] = collections.Counter(
             type(o).__module__ + "." + type(o).__qualname__

@@ -167,6 +167,8 @@ class _Run:
         self.codes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.retransmissions = 0
+        self.late_acks = 0
+        """ACKs/RSTs for a message id no longer awaited (answers to retransmissions)."""
         self.separate = 0
         self.endpoints_opened = 0
         self.rss_series: list[dict[str, Any]] = []
@@ -286,9 +288,9 @@ class _Endpoint(asyncio.DatagramProtocol):
             return
         if msg.mtype == ACK or msg.mtype == RST:
             req = self.by_mid.get(msg.mid)
-            if req is None:
+            if req is None:  # the answer to a retransmission whose original was answered: not an error
                 if run.measuring:
-                    run.errors["stray_ack" if msg.mtype == ACK else "stray_rst"] += 1
+                    run.late_acks += 1
                 return
             if msg.mtype == RST:
                 self._fail(req, now, "reset")
@@ -553,6 +555,7 @@ def _report(
         "errors": sum(run.errors.values()),
         "error_kinds": dict(run.errors),
         "retransmissions": run.retransmissions,
+        "late_acks": run.late_acks,
         "separate_responses": run.separate,
         "unfinished": unfinished,
         "issued_total": run.issued,
@@ -634,7 +637,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"answered {rep['answered']} in {rep['window_s']:.2f} s: {rep['rate']:.1f} req/s;"
         f" codes {rep['codes']}",
         f"latency  ms p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  max {lat['max']:.3f}",
-        f"exchange {rep['retransmissions']} retransmissions, {rep['separate_responses']} separate responses,"
+        f"exchange {rep['retransmissions']} retransmissions ({rep['late_acks']} late ACKs),"
+        f" {rep['separate_responses']} separate responses,"
         f" {rep['sockets_opened']} sockets opened, {rep['unfinished']} unfinished after drain",
         f"errors   {rep['errors']} {rep['error_kinds'] or ''}",
         f"gen CPU  {gen['cpu_pct']:.0f} % of a core, {gen['cpu_us_per_req']} µs/req",
