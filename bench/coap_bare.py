@@ -7,8 +7,9 @@
 One aiocoap ``Context`` (``create_server_context``, the ``udp6`` transport only, bound to ``--bind``) with a
 ``resource.Site`` holding one resource at ``--path``: GET answers 2.05 with ``--payload-size`` bytes
 (``ok\\n`` by default), POST/PUT answer 2.04. Once bound it prints one JSON line on stdout,
-``{"event": "listening", "port": P, "pid": N}``, then serves until SIGTERM/SIGINT. asyncio's own loop: the
-``udp6`` transport needs ``recvmsg`` with ancillary data, which it does on a selector loop.
+``{"event": "listening", "port": P, "pid": N}``, then serves until SIGTERM/SIGINT. asyncio's own loop by
+default (aiocoap's ``udp6`` transport does its own ``recvmsg`` with ancillary data through ``add_reader``);
+``--uvloop`` runs it on uvloop (what the agent uses).
 
 ``--debug-memory N`` prints every N requests (stdout, ``#``-prefixed) the RSS, the sizes of aiocoap's
 per-message structures (the message manager's ``_recent_messages`` deduplication cache,
@@ -194,11 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         help="with --debug-memory: tracemalloc depth (0: no tracemalloc)",
     )
     p.add_argument("--top", type=int, default=8, help="allocation sites per dump")
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's selector loop")
     p.add_argument("--exchange-lifetime", type=float, default=0.0, help="override 247 s (seconds, > 0)")
     args = p.parse_args(argv)
     if args.exchange_lifetime > 0:
         _set_exchange_lifetime(args.exchange_lifetime)
-    asyncio.run(serve(args))
+    factory = None
+    if args.uvloop:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(args))
     return 0
 
 
