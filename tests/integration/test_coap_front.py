@@ -117,6 +117,9 @@ def coap(module_agent: Any, h2_server: H2Server, nginx: NginxServer, dead_upstre
             observe={"mode": "poll", "interval": "0.3s"},
             link={"rt": "temperature", "ct": "50", "title": "Observed things"},
         ),
+        coap_route(
+            "/obsx/", route_extra={"prefix_rewrite": "/status/"}, observe={"mode": "poll", "interval": "0.3s"}
+        ),
         coap_route("/ng1/", "ng1", route_extra=rw, link={"rt": "nginx"}),
         coap_route("/ng2/", "ng2", route_extra=rw),
         coap_route("/dead/", "dead", route_extra=rw),
@@ -495,6 +498,56 @@ def test_observe_rst_ends_observation(coap: Agent, raw: RawCoap, h2_server: H2Se
     assert h2_server.count("/" + path) <= settled + 1
 
 
+def test_observe_ignored_on_route_without_observe(coap: Agent, raw: RawCoap, h2_server: H2Server) -> None:
+    path = f"plain/{uid()}"
+    reply = raw.request(GET, path, options=[(Opt.OBSERVE, b"")])
+    assert reply.code == CONTENT, reply
+    assert not reply.has(Opt.OBSERVE)  # answered once, not registered (RFC 7641 §4.1)
+    assert coap.stat(P + "observed_resources") == 0
+    assert h2_server.count("/" + path) == 1
+
+
+def test_observe_first_fetch_fails_registers_nothing(coap: Agent, raw: RawCoap, h2_server: H2Server) -> None:
+    tag = uid()
+    reply = raw.request(GET, f"obsx/404/{tag}", options=[(Opt.OBSERVE, b"")])
+    assert reply.code == NOT_FOUND, reply
+    assert not reply.has(Opt.OBSERVE)
+    coap.wait_stat(P + "observed_resources", lambda v: v == 0)
+    assert h2_server.count(f"/status/404/{tag}") == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="front bug: endpoint.py _send_con sets a replacing notification's deadline to now + "
+    "prev.timeout: a resource changing faster than ACK_TIMEOUT pushes the timer forever, nothing is "
+    "retransmitted and a gone observer is never found (should inherit prev.deadline)",
+)
+def test_unacked_con_notifications_are_retransmitted(coap: Agent, raw: RawCoap) -> None:
+    """An observer that never acknowledges: the newest notification replaces the one awaiting its ACK but
+    inherits its retransmission timer (RFC 7641 §4.5.2), so the outstanding notification is retransmitted
+    (same message id) on schedule, ACK_TIMEOUT (2..3 s) after the first one, although the resource changes
+    every 0.3 s; that is what finds an observer that is gone after MAX_RETRANSMIT."""
+    path = f"obs/{uid()}"
+    reg = raw.request(GET, path, options=[(Opt.OBSERVE, b"")])  # CON registration: CON notifications
+    assert reg.has(Opt.OBSERVE), reg
+    seen: set[int] = set()
+    try:
+
+        def repeated(m: Message) -> bool:
+            if m.token != reg.token or m.mtype != CON:
+                return False
+            if m.mid in seen:
+                return True
+            seen.add(m.mid)
+            return False
+
+        again = raw.recv_until(repeated, 5.0)  # never acknowledged: the first unacknowledged one + 2..3 s
+        assert again.has(Opt.OBSERVE)
+    finally:
+        raw.request(GET, path, options=[(Opt.OBSERVE, encode_uint(1))], token=reg.token)  # deregister
+        coap.wait_stat(P + "observed_resources", lambda v: v == 0)
+
+
 # ============================================================================ malformed datagrams
 def _expect_rst(raw: RawCoap, mid: int) -> None:
     msg = raw.recv(3.0)
@@ -504,10 +557,27 @@ def _expect_rst(raw: RawCoap, mid: int) -> None:
 def test_truncated_header_ignored(coap: Agent, raw: RawCoap) -> None:
     before = coap.stat(P + "malformed")
     raw.send(b"\x40\x01")
+    _nothing_but_ping(raw)  # nothing to answer (no message id)
     coap.wait_stat(P + "malformed", before + 1)
-    with pytest.raises(TimeoutError):
-        raw.recv_raw(0.3)
     assert_alive(coap)
+
+
+def _nothing_but_ping(raw: RawCoap) -> None:
+    """The agent sent nothing for what was sent before: the first datagram back is the RST to a ping sent
+    now (datagrams on loopback arrive, and are handled, in order)."""
+    mid = raw.next_mid()
+    raw.send(Message(CON, 0, mid))
+    _expect_rst(raw, mid)
+
+
+def test_malformed_non_dropped(coap: Agent, raw: RawCoap) -> None:
+    before = coap.stat(P + "malformed")
+    mid = raw.next_mid()
+    raw.send(bytes((0x50 | 9, GET, mid >> 8, mid & 0xFF)) + b"t" * 9)  # NON, token length 9
+    _nothing_but_ping(raw)
+    raw.send(Message(ACK, GET, raw.next_mid(), b"tk", ((Opt.URI_PATH, b"x"),)))  # a request in an ACK
+    _nothing_but_ping(raw)
+    coap.wait_stat(P + "malformed", before + 2)
 
 
 @pytest.mark.parametrize("tkl", range(9, 16))
@@ -579,6 +649,53 @@ def test_random_datagrams_do_not_hurt(coap: Agent, data: bytes) -> None:
 
 def test_alive_after_fuzzing(coap: Agent) -> None:
     assert_alive(coap)
+
+
+# ================================================================================ mapping refusals
+@pytest.mark.parametrize(
+    ("options", "req_code", "expected"),
+    [
+        pytest.param([(Opt.CONTENT_FORMAT, encode_uint(9999))], POST, 0x8F, id="unknown-content-format-4.15"),
+        pytest.param([(Opt.ACCEPT, encode_uint(9999))], GET, 0x86, id="unknown-accept-4.06"),
+        pytest.param([(Opt.PROXY_SCHEME, b"http")], GET, 0xA5, id="proxy-scheme-5.05"),
+        pytest.param([], 8, 0x85, id="method-0.08-4.05"),
+        pytest.param([(Opt.URI_PATH, b"..")], GET, 0x80, id="dot-segment-4.00"),
+        pytest.param([(Opt.URI_HOST, b"a b")], GET, 0x80, id="bad-uri-host-4.00"),
+    ],
+)
+def test_unmappable_requests_never_reach_upstream(
+    coap: Agent,
+    raw: RawCoap,
+    h2_server: H2Server,
+    options: list[tuple[int, bytes]],
+    req_code: int,
+    expected: int,
+) -> None:
+    before = coap.stat(P + "mapping_error")
+    total = h2_server.total()
+    path = f"refused/{uid()}"
+    reply = raw.request(req_code, path, options=options, payload=b"{}" if req_code == POST else b"")
+    assert reply.code == expected, reply
+    assert reply.payload  # a diagnostic
+    coap.wait_stat(P + "mapping_error", before + 1)
+    assert h2_server.total() == total
+
+
+def test_oversized_datagram_is_4_13(coap: Agent, raw: RawCoap, h2_server: H2Server) -> None:
+    path = f"echo/{uid()}"
+    reply = raw.request(PUT, path, payload=b"q" * 1200)  # max_message_size 1152: use Block1
+    assert reply.code == TOO_LARGE, reply
+    assert reply.uint(Opt.SIZE1) == 1152
+    assert h2_server.count("/" + path) == 0
+
+
+def test_non_request_gets_non_response(coap: Agent, raw: RawCoap, h2_server: H2Server) -> None:
+    path = f"/delay/700/{uid()}"
+    req = raw.message(GET, path, mtype=NON)
+    raw.send(req)
+    reply = raw.recv(5.0)  # no empty ACK first, even though slower than empty_ack_delay
+    assert (reply.mtype, reply.code, reply.token) == (NON, CONTENT, req.token), reply
+    assert h2_server.count(path) == 1
 
 
 # ============================================================================ /.well-known/core
