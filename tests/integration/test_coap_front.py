@@ -516,10 +516,10 @@ def test_observe_rst_ends_observation(coap: Agent, raw: RawCoap, h2_server: H2Se
     assert reg.code == CONTENT, reg
     assert reg.has(Opt.OBSERVE), reg
     note = raw.recv_until(lambda m: m.token == reg.token and m.code == CONTENT, 3.0)
-    if note.mtype == CON:
-        raw.send(Message(RST, 0, note.mid))
-    else:
-        raw.send(Message(RST, 0, note.mid))
+    assert note.mtype == NON  # a non-confirmable registration gets non-confirmable notifications
+    gone = coap.stat(P + "observers_gone")
+    raw.send(Message(RST, 0, note.mid))  # "I do not know this": the observer is gone (RFC 7641 §3.6)
+    coap.wait_stat(P + "observers_gone", gone + 1)
     coap.wait_stat(P + "observed_resources", lambda v: v == 0)
     settled = h2_server.count("/" + path)
     assert raw.request(GET, f"/delay/1000/{uid()}").code == CONTENT
