@@ -455,6 +455,21 @@ def test_body_over_route_limit_is_4_13(
     coap.wait_stat(P + "block_too_large", before + 3)
 
 
+def test_block1_out_of_order_is_4_08(coap: Agent, raw: RawCoap, h2_server: H2Server) -> None:
+    before = coap.stat(P + "block_incomplete")
+    path = f"echo/{uid()}"
+    block1 = encode_uint((3 << 4) | 0x8 | 2)  # block 3 of a transfer the agent never saw
+    reply = raw.request(PUT, path, options=[(Opt.BLOCK1, block1)], payload=b"c" * 64)
+    assert reply.code == 0x88, reply  # 4.08 Request Entity Incomplete
+    first = raw.request(PUT, path, options=[(Opt.BLOCK1, encode_uint(0x8 | 2))], payload=b"d" * 64)
+    assert first.code == 0x5F, first  # 2.31 Continue
+    assert first.opt(Opt.BLOCK1) == encode_uint(0x8 | 2)
+    short = raw.request(PUT, path, options=[(Opt.BLOCK1, encode_uint((1 << 4) | 0x8 | 2))], payload=b"e")
+    assert short.code == 0x88, short  # a non-final block must be exactly the block size
+    coap.wait_stat(P + "block_incomplete", before + 2)
+    assert h2_server.count("/" + path) == 0
+
+
 # ====================================================================================== Observe
 def _observe(port: int, path: str, seconds: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
