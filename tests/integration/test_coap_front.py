@@ -358,12 +358,6 @@ def test_duplicate_while_pending(coap: Agent, raw: RawCoap, h2_server: H2Server)
     assert h2_server.count(path) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="front bug: endpoint.py respond() clears entry.request and leaves entry.response None for a "
-    "separate response, so receive() has nothing to answer a later duplicate with (should cache the empty "
-    "ACK as entry.response)",
-)
 def test_duplicate_after_separate_response_gets_empty_ack(
     coap: Agent, raw: RawCoap, h2_server: H2Server
 ) -> None:
@@ -559,12 +553,6 @@ def test_observe_first_fetch_fails_registers_nothing(coap: Agent, raw: RawCoap, 
     assert h2_server.count(f"/status/404/{tag}") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="front bug: endpoint.py _send_con sets a replacing notification's deadline to now + "
-    "prev.timeout: a resource changing faster than ACK_TIMEOUT pushes the timer forever, nothing is "
-    "retransmitted and a gone observer is never found (should inherit prev.deadline)",
-)
 def test_unacked_con_notifications_are_retransmitted(coap: Agent, raw: RawCoap) -> None:
     """An observer that never acknowledges: the newest notification replaces the one awaiting its ACK but
     inherits its retransmission timer (RFC 7641 §4.5.2), so the outstanding notification is retransmitted

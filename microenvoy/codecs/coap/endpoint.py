@@ -240,9 +240,9 @@ class ServerEndpoint:
         entry = self._dedup.get((req.remote, m.mid))
         if entry is not None and entry.request is req:
             entry.request = None
-            if not req.acked:
-                entry.response = raw
-            # a separate response is retransmitted by its own timer; a duplicate request gets the empty ACK
+            # A duplicate gets the piggybacked response again; after a separate response (retransmitted by
+            # its own timer) it gets the empty ACK again (§4.5), its first ACK having been lost.
+            entry.response = raw if not req.acked else encode(Message(ACK, 0, m.mid))
 
     def notify(
         self,
@@ -303,7 +303,7 @@ class ServerEndpoint:
             t = Transmission(remote, mid, token, raw, now + timeout, timeout)
         else:
             self.stats["replaced"] += 1
-            t = Transmission(remote, mid, token, raw, now + prev.timeout, prev.timeout, prev.attempts)
+            t = Transmission(remote, mid, token, raw, prev.deadline, prev.timeout, prev.attempts)
         key = (remote, mid)
         self._outstanding[key] = t
         self._by_token[(remote, token)] = key
