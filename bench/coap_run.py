@@ -176,16 +176,14 @@ class Bench(Procs):
         a = self.args
         cmd = [sys.executable, str(HERE / "coapload.py"), f"127.0.0.1:{port}", "--path", PATH,
                "-c", str(a.concurrency), "--sockets", str(a.sockets), "--json", *extra]  # fmt: skip
-        # Registered: on Ctrl-C or an error close() terminates it.
+        # Registered: on Ctrl-C or an error close() terminates it. Its stderr (progress, errors) is ours.
         self.procs["coapload"] = proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+            cmd, stdout=subprocess.PIPE, preexec_fn=die_with_parent
         )
-        stdout, stderr = proc.communicate(timeout=timeout)
+        stdout, _ = proc.communicate(timeout=timeout)
         self.procs.pop("coapload")
-        if stderr.strip():
-            sys.stderr.write(stderr.decode(errors="replace"))
         if not stdout.strip():
-            raise RuntimeError(f"coapload failed: {stderr.decode(errors='replace')[-2000:]}")
+            raise RuntimeError(f"coapload failed with exit code {proc.returncode} (its stderr is above)")
         rep: dict[str, Any] = json.loads(stdout)
         return rep
 
