@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from microenvoy.core.exchange import DownstreamInfo, Exchange
 from microenvoy.core.headers import Headers
 from microenvoy.io.http_front import ActiveStream, HttpFront
+from microenvoy.router.table import RouteEntry
 
 __all__ = ["BridgeResult", "forward"]
 
@@ -105,14 +106,21 @@ async def forward(
     max_response_bytes: int = _DEFAULT_MAX_RESPONSE,
     on_headers: Callable[[Headers], None] | None = None,
     on_data: Callable[[bytes], None] | None = None,
+    entry: RouteEntry | None = None,
 ) -> BridgeResult:
     """Run one exchange (request ``headers`` with pseudo-headers, whole ``body``) through ``front``.
 
     With ``on_data`` the response body is not collected: each piece is handed to it as it arrives (a long
-    upstream stream, e.g. an observed resource); ``on_headers`` sees the response headers first."""
+    upstream stream, e.g. an observed resource); ``on_headers`` sees the response headers first. ``entry``:
+    the route the caller already matched (before it rewrote the request, e.g. into a gRPC call), used instead
+    of matching again; a filter that clears the route cache still re-matches."""
     sink = _Sink(downstream, max_response_bytes, on_headers, on_data)
     stream = ActiveStream(front, sink, 1, headers, end_stream=not body)
     sink.stream = stream
+    if entry is not None:  # the stream's task has not run yet: its first route lookup finds this
+        stream.entry = entry
+        ex = stream.exchange
+        ex.route, ex.virtual_host, ex.route_resolved = entry.route, entry.virtual_host, True
     if body:
         stream.on_data(body, True, 0)
     try:

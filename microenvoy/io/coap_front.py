@@ -54,6 +54,7 @@ from microenvoy.io.tcp_front import ListenerStats
 if TYPE_CHECKING:
     from microenvoy.admin.stats import Scope, Store
     from microenvoy.io.http_front import HttpFront
+    from microenvoy.router.table import RouteEntry
 
 __all__ = ["CoapFront", "CoapListener", "coap_http_config"]
 
@@ -74,6 +75,14 @@ _WELL_KNOWN = [b".well-known", b"core"]
 _KEY_OPTIONS = frozenset((Opt.URI_HOST, Opt.URI_PORT, Opt.URI_PATH, Opt.URI_QUERY, Opt.ACCEPT))
 _Response = tuple[int, list[tuple[int, bytes]], bytes]
 _OBSERVE_MAX = 0xFFFFFF
+_LINE_TYPES = {
+    b"application/x-ndjson": b"application/json",
+    b"application/ndjson": b"application/json",
+    b"application/jsonl": b"application/json",
+    b"application/json-seq": b"application/json",
+    b"application/x-json-stream": b"application/json",
+}
+"""Streamed media types whose lines are each a representation of another type (NDJSON lines are JSON)."""
 
 coap_http_config = http_connection_manager
 """The HTTP connection manager a ``coap_proxy`` config runs on (the server builds its ``HttpFront``)."""
@@ -165,9 +174,11 @@ class CoapFront:
             links.append(f"<{target}>{attrs}")
         return ",".join(links)
 
-    def route_for(self, headers: Headers) -> CoapRoute | None:
+    def route_for(self, headers: Headers) -> tuple[RouteEntry | None, CoapRoute | None]:
+        """The matched HTTP route entry (handed to the engine, so a gRPC rewrite of ``:path`` cannot re-route
+        the request) and its CoAP settings."""
         entry = self.http.routes.match_entry(headers)
-        return None if entry is None else self.by_route.get(id(entry.route))
+        return entry, None if entry is None else self.by_route.get(id(entry.route))
 
 
 class _Observer:
@@ -190,12 +201,14 @@ class _Resource:
         key: tuple[Any, ...],
         front: CoapFront,
         route: CoapRoute,
+        entry: RouteEntry | None,
         method: int,
         headers: Headers,
         body: bytes,
         downstream: DownstreamInfo,
     ) -> None:
         self.listener = listener
+        self.entry = entry
         self.body = body
         self.key = key
         self.front = front
@@ -245,7 +258,7 @@ class _Resource:
             stats.observe_refresh.inc()
             result = await forward(
                 self.front.http, self.downstream, self._request(None if first else self.etag), self.body,
-                max_response_bytes=self.route.max_body_bytes,
+                max_response_bytes=self.route.max_body_bytes, entry=self.entry,
             )  # fmt: skip
             response = self.listener.map_result(self.front, self.method, result, self.route)
             first = False
@@ -275,14 +288,15 @@ class _Resource:
             def on_headers(h: Headers, grpc: list[bool] = grpc, ctype: list[bytes | None] = ctype) -> None:
                 ct = h.get(b"content-type") or b""
                 grpc[0] = ct.startswith(b"application/grpc")
-                ctype[0] = None if grpc[0] else ct
+                base = ct.split(b";")[0].strip().lower()
+                ctype[0] = None if grpc[0] else _LINE_TYPES.get(base, ct)
 
             def on_data(data: bytes, grpc: list[bool] = grpc, ctype: list[bytes | None] = ctype) -> None:
                 self._on_stream_data(data, grpc[0], ctype[0])
 
             result = await forward(
                 self.front.http, self.downstream, self._request(None), self.body,
-                on_headers=on_headers, on_data=on_data,
+                on_headers=on_headers, on_data=on_data, entry=self.entry,
             )  # fmt: skip
             if not self.ready.done():  # the stream ended (or failed) before its first message
                 response = self.listener.map_result(self.front, self.method, result, self.route)
@@ -308,7 +322,9 @@ class _Resource:
                 i = buf.find(b"\n")
                 if i < 0:
                     break
-                pieces.append(buf[:i])
+                line = buf[:i].lstrip(b"\x1e").rstrip(b"\r")  # json-seq record separator, CRLF
+                if line:  # empty lines are keep-alives
+                    pieces.append(line)
                 buf = buf[i + 1 :]
         if len(buf) > limit:
             buf = b""  # an unterminated piece beyond the route's limit is dropped
@@ -569,7 +585,7 @@ class CoapListener:
             if exc.stat != "bad_option":
                 front.stats.scope.counter(exc.stat).inc()  # a small fixed set of names (docs/coap.md)
             return exc.code, [], exc.detail.encode()[:128]
-        route = front.route_for(headers)
+        entry, route = front.route_for(headers)
         limit = route.max_body_bytes if route is not None else 65536
         rkey = (principal, tuple((n, v) for n, v in msg.options if n in _KEY_OPTIONS))
         # ---- Block2 follow-ups (RFC 7959 §2.4): served from the stored body
@@ -634,16 +650,16 @@ class CoapListener:
         if observe is not None and route is not None and route.observe is not None:
             if observe == 0:
                 return await self._register(
-                    front, route, req, msg, headers, body, downstream, rkey, oreq, want_szx
+                    front, route, entry, req, msg, headers, body, downstream, rkey, oreq, want_szx
                 )
             if observe == 1:
-                self._deregister(rkey, front, remote, msg.token)
+                self._deregister((id(front), rkey, body), front, remote, msg.token)
         # ---- the exchange
         cfg = front.config
         if len(self.connections) > cfg.max_concurrent_requests:
             front.stats.rq_overflow.inc()
             return UNAVAILABLE, [(Opt.MAX_AGE, encode_uint(1))], b"overloaded"
-        result = await forward(front.http, downstream, headers, body, max_response_bytes=limit)
+        result = await forward(front.http, downstream, headers, body, max_response_bytes=limit, entry=entry)
         code, options, payload = self.map_result(front, msg.code, result, route)
         if block1_reply is not None:
             options.append(block1_reply)
@@ -732,6 +748,7 @@ class CoapListener:
         self,
         front: CoapFront,
         route: CoapRoute,
+        entry: RouteEntry | None,
         req: Request,
         msg: Message,
         headers: Headers,
@@ -742,7 +759,7 @@ class CoapListener:
         szx: int,
     ) -> _Response:
         assert route.observe is not None
-        key = (id(front), rkey)
+        key = (id(front), rkey, body)  # a gRPC stream's request message is part of the resource
         res = self.resources.get(key)
         remote = req.remote
         if res is None:
@@ -750,7 +767,7 @@ class CoapListener:
                 front.stats.observe_rejected.inc()
                 res = None
             else:
-                res = _Resource(self, key, front, route, msg.code, headers, body, downstream)
+                res = _Resource(self, key, front, route, entry, msg.code, headers, body, downstream)
                 self.resources[key] = res
                 front.stats.observed_resources.inc()
                 res.start()
@@ -767,6 +784,8 @@ class CoapListener:
             if res.ready.cancelled():
                 return error_response("unreachable")
             raise
+        if code_class(response[0]) == 2 and res.state is not None:
+            response = res.state  # the latest state (a stream may have moved on since `ready`)
         code, options, payload = response
         if code_class(code) != 2:  # the first fetch failed: no observation (§4.1: answer without Observe)
             self._maybe_end(res)
@@ -794,8 +813,8 @@ class CoapListener:
             return self._slice(payload, 0, szx, options, msg, front, code)
         return code, options, payload
 
-    def _deregister(self, rkey: tuple[Any, ...], front: CoapFront, remote: Any, token: bytes) -> None:
-        res = self.resources.get((id(front), rkey))
+    def _deregister(self, key: tuple[Any, ...], front: CoapFront, remote: Any, token: bytes) -> None:
+        res = self.resources.get(key)
         if res is not None and res.observers.pop((remote, token), None) is not None:
             front.stats.observe_deregistered.inc()
             front.stats.observers.dec()

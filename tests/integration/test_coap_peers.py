@@ -149,15 +149,6 @@ def coap_listener(routes: list[dict[str, Any]], **cfg: Any) -> dict[str, Any]:
     }
 
 
-GRPC_ROUTING_BUG = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "front bug: CoapListener._process calls grpc_request() (:path := the gRPC method) before "
-        "bridge.forward, and the HTTP engine matches routes on the rewritten :path, so a CoAP route with "
-        "route.grpc.method is re-routed by '/test.echo.v1.Echo/...': here to the catch-all '/' h2 route "
-        "(200 without grpc-status -> 5.00), without a catch-all 4.04 'no route'"
-    ),
-)
 STREAM = "/test.echo.v1.Echo/ServerStream"
 UNARY = "/test.echo.v1.Echo/Unary"
 HEX_ETAG = "ab12cd34"
@@ -449,14 +440,6 @@ async def test_observe_stream_two_observers_share_one_stream(
     await asyncio.to_thread(ndjson.wait, lambda s: s.closed == closed + 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "front bug: _Resource._on_stream_data resolves `ready` with the first piece of a chunk and applies "
-        "the later pieces before CoapListener._register resumes, which then answers with the `ready` value "
-        "(stale) instead of res.state (current, RFC 7641 §4.2)"
-    ),
-)
 async def test_observe_stream_registration_carries_the_current_state(
     edge: Agent, ndjson: NdjsonServer, ctx: Any
 ) -> None:
@@ -471,7 +454,6 @@ async def test_observe_stream_registration_carries_the_current_state(
         await cancel_observation(edge, req, ndjson)
 
 
-@GRPC_ROUTING_BUG
 async def test_observe_grpc_server_stream(edge: Agent, grpc_server: GrpcEchoServer, ctx: Any) -> None:
     pb2, _ = echo_modules()
     calls = grpc_server.calls["ServerStream"]
@@ -499,7 +481,6 @@ async def test_observe_grpc_server_stream(edge: Agent, grpc_server: GrpcEchoServ
 
 
 # ====================================================================================== gRPC unary
-@GRPC_ROUTING_BUG
 async def test_grpc_unary(edge: Agent, grpc_server: GrpcEchoServer, ctx: Any) -> None:
     pb2, _ = echo_modules()
     calls = grpc_server.calls["Unary"]
@@ -512,7 +493,6 @@ async def test_grpc_unary(edge: Agent, grpc_server: GrpcEchoServer, ctx: Any) ->
     assert grpc_server.calls["Unary"] == calls + 1
 
 
-@GRPC_ROUTING_BUG
 @pytest.mark.parametrize(
     ("grpc_code", "coap_code"),
     [
