@@ -218,7 +218,7 @@ class _Resource:
         self.downstream = downstream
         self.observers: dict[tuple[Any, bytes], _Observer] = {}
         self.state: _Response | None = None
-        self.etag: bytes | None = None
+        self.upstream_etag: bytes | None = None
         self.seq = 1
         self.sent = 0
         self.ready: asyncio.Future[_Response] = asyncio.get_running_loop().create_future()
@@ -241,10 +241,11 @@ class _Resource:
 
     # ----------------------------------------------------------------------------------- refresh
     def _request(self, etag: bytes | None) -> Headers:
+        """The refresh request; ``etag``: the upstream's own ETag header of the last representation."""
         h = Headers(list(self.headers.items()))
         h.remove(b"if-none-match")
         if etag is not None and self.route.grpc_method is None:
-            h.set(b"if-none-match", b'"' + etag.hex().encode() + b'"')
+            h.set(b"if-none-match", etag)
         return h
 
     async def _poll(self) -> None:
@@ -256,14 +257,17 @@ class _Resource:
             if not first:
                 await asyncio.sleep(interval)
             stats.observe_refresh.inc()
+            request = self._request(None if first else self.upstream_etag)
             result = await forward(
-                self.front.http, self.downstream, self._request(None if first else self.etag), self.body,
+                self.front.http, self.downstream, request, self.body,
                 max_response_bytes=self.route.max_body_bytes, entry=self.entry,
             )  # fmt: skip
             response = self.listener.map_result(self.front, self.method, result, self.route)
             first = False
-            if result.status == 304:
+            if result.status == 304:  # unchanged since the ETag we sent
                 continue
+            if 200 <= result.status < 300:
+                self.upstream_etag = result.headers.get(b"etag")
             if code_class(response[0]) != 2:
                 if not self.ready.done():
                     self.ready.set_result(response)
@@ -348,7 +352,6 @@ class _Resource:
         if self.state is not None and response == self.state:
             return
         self.state = response
-        self.etag = next((v for n, v in response[1] if n == Opt.ETAG), None)
         self.seq = (self.seq + 1) & _OBSERVE_MAX
         if not self.ready.done():
             self.ready.set_result(response)
