@@ -14,7 +14,8 @@ default (aiocoap's ``udp6`` transport does its own ``recvmsg`` with ancillary da
 ``--debug-memory N`` prints every N requests (stdout, ``#``-prefixed) the RSS, the sizes of aiocoap's
 per-message structures (the message manager's ``_recent_messages`` deduplication cache,
 ``_active_exchanges``, ``_piggyback_opportunities``, the token manager's ``incoming_requests``, the loop's
-scheduled timers) and the object counts of the aiocoap types, with their growth since the previous dump;
+scheduled timers), the longest garbage collection per generation and the object counts of the aiocoap
+types, with their growth since the previous dump;
 ``--trace-frames F`` also runs ``tracemalloc`` (F frames deep; slow: it cuts the request rate by an order
 of magnitude) and adds the top allocations by traceback. ``--exchange-lifetime S`` replaces aiocoap's
 EXCHANGE_LIFETIME (247 s, RFC 7252 §4.8.2), for which the deduplication cache keeps every request
@@ -34,6 +35,7 @@ import linecache
 import os
 import signal
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -62,11 +64,24 @@ class MemoryProbe:
         self.context: aiocoap.Context | None = None
         self.previous: tracemalloc.Snapshot | None = None
         self.previous_types: collections.Counter[str] = collections.Counter()
+        self.gc_started = 0.0
+        self.gc_longest: dict[int, float] = {}
+        """The longest collection per generation (seconds) since the last dump."""
+        if every:
+            gc.callbacks.append(self._gc_timer)
         if every and frames:
             tracemalloc.start(frames)
 
     def __repr__(self) -> str:
         return f"<MemoryProbe count={self.count} every={self.every}>"
+
+    def _gc_timer(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.gc_started = time.perf_counter()
+        else:
+            took = time.perf_counter() - self.gc_started
+            gen = info["generation"]
+            self.gc_longest[gen] = max(self.gc_longest.get(gen, 0.0), took)
 
     def seen(self) -> None:
         self.count += 1
@@ -94,10 +109,15 @@ class MemoryProbe:
         return dict(out)
 
     def dump(self) -> None:
-        gc.collect()
         traced = f"{tracemalloc.get_traced_memory()[0] >> 10} KiB" if self.frames else "off"
         lines = [f"# ---- {self.count} requests: RSS {_rss_kib()} KiB, tracemalloc {traced}"]
         lines += [f"#   {k}: {v}" for k, v in self.structures().items()]
+        pauses = ", ".join(f"gen {g} {t * 1000:.0f} ms" for g, t in sorted(self.gc_longest.items()))
+        lines.append(f"#   longest garbage collection per generation since the last dump: {pauses}")
+        gc.callbacks.remove(self._gc_timer)
+        gc.collect()  # count live objects only (not counted as a pause: the server's own collections are)
+        gc.callbacks.append(self._gc_timer)
+        self.gc_longest.clear()
         types: collections.Counter[str] = collections.Counter(
             type(o).__module__ + "." + type(o).__qualname__
             for o in gc.get_objects()
