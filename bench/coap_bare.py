@@ -6,7 +6,8 @@
 
 One aiocoap ``Context`` (``create_server_context``, the ``udp6`` transport only, bound to ``--bind``) with a
 ``resource.Site`` holding one resource at ``--path``: GET answers 2.05 with ``--payload-size`` bytes
-(``ok\\n`` by default), POST/PUT answer 2.04. Once bound it prints one JSON line on stdout,
+(``ok\\n`` by default; after ``--delay`` seconds: beyond 0.1 s aiocoap sends a separate response),
+POST/PUT answer 2.04. Once bound it prints one JSON line on stdout,
 ``{"event": "listening", "port": P, "pid": N}``, then serves until SIGTERM/SIGINT. asyncio's own loop by
 default (aiocoap's ``udp6`` transport does its own ``recvmsg`` with ancillary data through ``add_reader``);
 ``--uvloop`` runs it on uvloop (what the agent uses).
@@ -152,16 +153,20 @@ class MemoryProbe:
 class BenchResource(aiocoap.resource.Resource):
     """GET: 2.05 with a fixed payload; POST/PUT: 2.04 (the body is read and dropped)."""
 
-    def __init__(self, payload: bytes, probe: MemoryProbe) -> None:
+    def __init__(self, payload: bytes, probe: MemoryProbe, delay: float = 0.0) -> None:
         super().__init__()
         self.payload = payload
         self.probe = probe
+        self.delay = delay
+        """Seconds before answering (beyond aiocoap's 0.1 s EMPTY_ACK_DELAY: a separate response)."""
 
     def __repr__(self) -> str:
         return f"<BenchResource payload={len(self.payload)}B>"
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         self.probe.seen()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return aiocoap.Message(code=aiocoap.CONTENT, payload=self.payload, content_format=0)
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
@@ -181,7 +186,7 @@ async def serve(args: argparse.Namespace) -> None:
     probe = MemoryProbe(args.debug_memory, args.trace_frames, args.top)
     site = aiocoap.resource.Site()
     payload = (b"ok\n" * (args.payload_size // 3 + 1))[: args.payload_size]
-    site.add_resource([p for p in args.path.split("/") if p], BenchResource(payload, probe))
+    site.add_resource([p for p in args.path.split("/") if p], BenchResource(payload, probe, args.delay))
     ctx = await aiocoap.Context.create_server_context(site, bind=(args.bind, args.port), transports=["udp6"])
     probe.context = ctx
     port = args.port
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --debug-memory: tracemalloc depth (0: no tracemalloc)",
     )
     p.add_argument("--top", type=int, default=8, help="allocation sites per dump")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before a GET is answered")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's selector loop")
     p.add_argument("--exchange-lifetime", type=float, default=0.0, help="override 247 s (seconds, > 0)")
     args = p.parse_args(argv)
