@@ -36,6 +36,7 @@ from microenvoy.codecs.coap.endpoint import Gone, Request, ServerEndpoint
 from microenvoy.codecs.coap.message import (
     CON,
     METHODS,
+    NON,
     Message,
     Opt,
     block_value,
@@ -97,6 +98,7 @@ class _Stats:
         self.by_method = {code: c(f"rq_{name.lower()}") for code, name in METHODS.items()}
         self.by_class = {k: c(f"rs_{k}xx") for k in (2, 4, 5)}
         self.rq_overflow = c("rq_overflow")
+        self.no_response = c("no_response")
         self.bad_option = c("bad_option")
         self.mapping_error = c("mapping_error")
         self.upstream_unreachable = c("upstream_unreachable")
@@ -533,7 +535,15 @@ class CoapListener:
         klass = stats.by_class.get(code >> 5)
         if klass is not None:
             klass.inc()
-        self.endpoint.respond(req, code, sort_options(options), payload, time.monotonic(), self._out)
+        m = req.message
+        if m.mtype == NON and code == BAD_OPTION:  # §5.4.1: a NON with a critical option we lack is rejected
+            self.endpoint.reject(req, self._out)
+        elif _suppressed(m, code):  # RFC 7967 No-Response: a CON still gets its (empty) ACK
+            stats.no_response.inc()
+            self.endpoint.ack_due(req, self._out)
+            req.answered = True
+        else:
+            self.endpoint.respond(req, code, sort_options(options), payload, time.monotonic(), self._out)
         self._flush()
 
     def _ack_due(self, req: Request) -> None:
@@ -869,6 +879,15 @@ class CoapListener:
             res.observers.clear()
             self._maybe_end(res)
         self._flush()
+
+
+def _suppressed(msg: Message, code: int) -> bool:
+    """RFC 7967: the request's No-Response option says the client is not interested in this code's class."""
+    value = msg.opt(Opt.NO_RESPONSE)
+    if value is None:
+        return False
+    bits = int.from_bytes(value, "big")
+    return bool(bits & {2: 2, 4: 8, 5: 16}.get(code >> 5, 0))
 
 
 def _filter_links(body: bytes, query: str) -> str:

@@ -13,7 +13,7 @@ from peers.agent import Agent
 from peers.coap import RawCoap, coap_listener, coap_route
 from peers.common import wait_for
 
-from microenvoy.codecs.coap.message import CON, Message, Opt
+from microenvoy.codecs.coap.message import ACK, CON, NON, RST, Message, Opt
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -87,3 +87,35 @@ def test_reload_keeps_the_socket_and_applies_new_routes(agent: object, h2_server
         wait_for(lambda: c.request(GET, "/new/x").code == CONTENT, 10, message="new route live")
         assert c.request(GET, "/old/x").code == NOT_FOUND
     assert a.port("coap") == port
+
+
+def test_non_with_unknown_critical_option_is_rejected_and_no_response_honoured(
+    agent: object, h2_server: object
+) -> None:
+    """RFC 7252 §5.4.1 (a NON request with an unrecognized critical option is rejected: RST, nothing routed)
+    and RFC 7967 No-Response (a suppressed class: a CON gets only its empty ACK, a NON nothing)."""
+    clusters = [C.cluster("up", h2_server.port, http2=True)]  # type: ignore[attr-defined]
+    a: Agent = agent(C.bootstrap([coap_listener([coap_route("/")])], clusters))  # type: ignore[operator]
+    with RawCoap(a.port("coap")) as c:
+        bad = c.message(GET, "/nr/bad", mtype=NON, options=[(9999, b"x")])
+        c.send(bad)
+        rst = c.recv_until(lambda m: m.mid == bad.mid)
+        assert (rst.mtype, rst.code) == (RST, 0)
+        assert h2_server.count("/nr/bad") == 0  # type: ignore[attr-defined]
+        # No-Response 2 (not interested in 2.xx): a CON gets an empty ACK only, upstream still sees it.
+        quiet = c.message(GET, "/nr/quiet", options=[(Opt.NO_RESPONSE, b"\x02")])
+        c.send(quiet)
+        ack = c.recv_until(lambda m: m.mid == quiet.mid)
+        assert (ack.mtype, ack.code) == (ACK, 0)
+        assert h2_server.count("/nr/quiet") == 1  # type: ignore[attr-defined]
+        # No-Response 16 (not interested in 5.xx) does not hide a 2.05.
+        loud = c.request(GET, "/nr/loud", options=[(Opt.NO_RESPONSE, b"\x10")])
+        assert loud.code == CONTENT
+        # A NON whose answer is suppressed gets nothing: the next ping's RST is the first thing back.
+        c.send(c.message(GET, "/nr/quiet2", mtype=NON, options=[(Opt.NO_RESPONSE, b"\x02")]))
+        a.wait_stat("coap.coap.no_response", 2)  # served and suppressed
+        ping = Message(CON, 0, c.next_mid())
+        c.send(ping)
+        first = c.recv(3.0)
+        assert (first.mtype, first.mid) == (RST, ping.mid), first
+        assert a.stat("coap.coap.rejected") == 1

@@ -125,7 +125,7 @@ class ServerEndpoint:
             (
                 "rx", "tx", "malformed", "duplicate", "dedup_evicted", "empty_ack", "separate",
                 "retransmit", "con_timeout", "reset_rx", "ping", "ignored", "outstanding_overflow",
-                "replaced",
+                "replaced", "rejected",
             ),
             0,
         )  # fmt: skip
@@ -211,6 +211,19 @@ class ServerEndpoint:
         req.acked = True
         self.stats["empty_ack"] += 1
         out.append((encode(Message(ACK, 0, req.message.mid)), req.remote))
+
+    def reject(self, req: Request, out: list[tuple[bytes, Remote]]) -> None:
+        """Reject ``req`` (§4.2/§4.3): a Reset instead of a response; a duplicate gets the Reset again."""
+        if req.answered:
+            return
+        req.answered = True
+        raw = encode(Message(RST, 0, req.message.mid))
+        out.append((raw, req.remote))
+        self.stats["rejected"] += 1
+        entry = self._dedup.get((req.remote, req.message.mid))
+        if entry is not None and entry.request is req:
+            entry.request = None
+            entry.response = raw
 
     def respond(
         self,
