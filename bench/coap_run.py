@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,32 +144,13 @@ class Bench(Procs):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(prefix="microenvoy-coap-bench-", keep_tmp=args.keep_tmp, append_logs=False)
         self.args = args
-        self.nginx_port = 0
         self.server_log = "server"
-
-    def start_nginx_h2c(self) -> int:
-        """nginx answering every request 200 (``ok``) on an h2c listener (``nginx_port``); its pid."""
-        self.nginx_port = free_port()
-        server = f"""    server {{
-        listen 127.0.0.1:{self.nginx_port} http2;
-        location / {{ default_type text/plain; return 200 "ok\\n"; }}
-    }}"""
-        return self.start_nginx("nginx", server, [self.nginx_port], worker_connections=1024)
 
     def probe(self, port: int) -> dict[str, Any]:
         """Wait (bounded) until one GET through the server is answered."""
-        deadline = time.monotonic() + 20
-        last = ""
-        while time.monotonic() < deadline:
-            proc = self.procs["server"]
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_tail(self.server_log)}")
-            try:
-                res: dict[str, Any] = asyncio.run(coapload.probe("127.0.0.1", port, PATH, 2.0))
-                return res
-            except (OSError, TimeoutError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-        raise TimeoutError(f"no CoAP answer on port {port} ({last}); log:\n{self.log_tail(self.server_log)}")
+        return self.probe_until(
+            lambda: asyncio.run(coapload.probe("127.0.0.1", port, PATH, 2.0)), f"CoAP port {port}"
+        )
 
     def load(self, port: int, extra: list[str], timeout: float) -> dict[str, Any]:
         a = self.args

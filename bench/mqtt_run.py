@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import shutil
 import signal
@@ -203,36 +202,14 @@ class Bench(Procs):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(prefix="microenvoy-mqtt-bench-", keep_tmp=args.keep_tmp, append_logs=True)
         self.args = args
-        self.nginx_port = 0
         self.server_log = "server"
         """The log of the running server (``log_tail``)."""
 
-    def start_nginx_h2c(self) -> int:
-        """nginx answering every request 200 (``ok``) on an h2c listener (``nginx_port``); its pid."""
-        self.nginx_port = free_port()
-        server = f"""    client_max_body_size 64m;
-    server {{
-        listen 127.0.0.1:{self.nginx_port} http2;
-        location / {{ default_type text/plain; return 200 "ok\\n"; }}
-    }}"""
-        return self.start_nginx("nginx", server, [self.nginx_port], worker_connections=1024)
-
     def probe(self, port: int) -> dict[str, Any]:
         """Wait (bounded) until a subscribe + QoS 1 publish round trip through the server works."""
-        deadline = time.monotonic() + 20
-        last = ""
-        while time.monotonic() < deadline:
-            proc = self.procs["server"]
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_tail(self.server_log)}")
-            try:
-                res: dict[str, Any] = asyncio.run(mqttload.probe("127.0.0.1", port, self.version, 2.0))
-                return res
-            except Exception as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=0.2)
-        raise TimeoutError(f"no MQTT answer on port {port} ({last}); log:\n{self.log_tail(self.server_log)}")
+        return self.probe_until(
+            lambda: asyncio.run(mqttload.probe("127.0.0.1", port, self.version, 2.0)), f"MQTT port {port}"
+        )
 
     @property
     def version(self) -> int:

@@ -228,6 +228,8 @@ class Procs:
         """A child started again under the same name appends to its log (else it starts it afresh)."""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         """The running children by name, in start order."""
+        self.nginx_port = 0
+        """The h2c port of the nginx ``start_nginx_h2c`` started."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} tmp={self.tmp} running={sorted(self.procs)}>"
@@ -286,6 +288,35 @@ class Procs:
                                  "-g", "daemon off; master_process off;"])  # fmt: skip
         wait_for(lambda: all(listening(p) for p in ports), 10, name, proc)
         return proc.pid
+
+    def start_nginx_h2c(self, body: str = "ok\\n", *, port: int | None = None) -> int:
+        """nginx answering every request ``return 200 "<body>"`` (text/plain) on an h2c listener on ``port``
+        (default: a free one), kept in ``nginx_port``; its pid."""
+        self.nginx_port = free_port() if port is None else port
+        server = f"""    client_max_body_size 64m;
+    server {{
+        listen 127.0.0.1:{self.nginx_port} http2;
+        location / {{ default_type text/plain; return 200 "{body}"; }}
+    }}"""
+        return self.start_nginx("nginx", server, [self.nginx_port], worker_connections=1024)
+
+    def probe_until(self, attempt: Callable[[], dict[str, Any]], what: str, *, server: str = "server",
+                    limit: float = 20.0) -> dict[str, Any]:  # fmt: skip
+        """Call ``attempt`` (one probe of the running ``server`` child) until it returns, for at most
+        ``limit`` seconds; fail early, with the server's log, if the server exits."""
+        deadline = time.monotonic() + limit
+        last = ""
+        proc = self.procs[server]
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{server} exited: {self.log_tail(server)}")
+            try:
+                return attempt()
+            except Exception as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.2)  # a bounded pause that also notices an exit
+        raise TimeoutError(f"no answer from {what} ({last}); log:\n{self.log_tail(server)}")
 
     def start_agent(
         self, config: dict[str, Any], log_level: str = "warning", *, wait_ready: bool = False

@@ -58,6 +58,8 @@ from microenvoy.demo import self_signed_certificate  # noqa: E402
 __all__ = ["Bench", "main", "markdown_table"]
 
 BODY = b"hello from the benchmark\n"  # bare_h3_server.BODY; nginx returns the same bytes
+NGINX_BODY = BODY.decode().replace("\n", "\\n")
+"""``BODY`` as an nginx ``return`` string."""
 TARGETS = ("bare", "microenvoy", "caddy")
 _T = "type.googleapis.com/envoy.extensions."
 LABELS = {
@@ -73,22 +75,10 @@ class Bench(Procs):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(prefix="microenvoy-bench-", keep_tmp=args.keep_tmp, append_logs=False)
         self.args = args
-        self.nginx_port = 0
         self.cert = ""
         self.key = ""
 
     # -- nginx ------------------------------------------------------------------------------------
-    def start_nginx_h2c(self) -> int:
-        """nginx answering ``return 200`` with ``BODY`` on an h2c listener (``nginx_port``); its pid."""
-        self.nginx_port = free_port(udp=True)
-        body = BODY.decode().replace("\n", "\\n")
-        server = f"""    client_max_body_size 64m;
-    server {{
-        listen 127.0.0.1:{self.nginx_port} http2;
-        location / {{ default_type text/plain; return 200 "{body}"; }}
-    }}"""
-        return self.start_nginx("nginx", server, [self.nginx_port], worker_connections=1024)
-
     # -- targets ----------------------------------------------------------------------------------
     def start_bare(self) -> tuple[int, int]:
         port_file = self.tmp / "bare.port"
@@ -352,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.cert, bench.key = self_signed_certificate(str(bench.tmp))
         if {"microenvoy", "caddy"} & set(targets):
-            print(f"  nginx: pid {bench.start_nginx_h2c()}, h2c port {bench.nginx_port}", flush=True)
+            nginx_pid = bench.start_nginx_h2c(NGINX_BODY, port=free_port(udp=True))  # free for TCP and UDP
+            print(f"  nginx: pid {nginx_pid}, h2c port {bench.nginx_port}", flush=True)
         for rnd in range(args.rounds):
             if args.rounds > 1:
                 print(f"round {rnd + 1}/{args.rounds}", flush=True)
