@@ -62,7 +62,13 @@ def _config(upstream_port: int, state_dir: Path, *, require: bool = True) -> dic
             "@type": COAP_TYPE,
             "stat_prefix": "dev",
             "routes": [
-                {"name": "all", "match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "5s"}}
+                {
+                    "name": "observed",
+                    "match": {"prefix": "/public/obs/"},
+                    "route": {"cluster": "up", "timeout": "5s"},
+                    "observe": {"mode": "poll", "interval": "0.2s"},
+                },
+                {"name": "all", "match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "5s"}},
             ],
             "http_filters": [rbac, router_filter()],
             "oscore": {"require": require, "state_dir": str(state_dir), "contexts": _contexts()},
@@ -204,3 +210,28 @@ async def test_config_dump_redacts_the_master_secret(
     assert SECRET not in dump
     assert "master_secret" in dump
     assert SECRET not in a.log_text()
+
+
+async def test_observe_notifications_are_protected(
+    agent: Callable[..., Agent], h2_server: H2Server, coap_client: ClientFactory, state_dir: Path
+) -> None:
+    """Each notification to an OSCORE observer is protected with a fresh sequence number (RFC 8613 §4.1.3.5)
+    and verified by the client's context; notifications keep increasing Observe numbers."""
+    a = agent(_config(h2_server.port, state_dir))
+    ctx = await coap_client(a, "00")
+    req = ctx.request(aiocoap.Message(code=aiocoap.GET, uri=_uri(a, "/public/obs/t"), observe=0))
+    first = await req.response
+    assert first.code == aiocoap.CONTENT
+    assert isinstance(first.remote, aiocoap.transports.oscore.OSCOREAddress)
+    assert first.opt.observe is not None
+    seen = []
+    async for note in req.observation:
+        assert note.code == aiocoap.CONTENT
+        assert isinstance(note.remote, aiocoap.transports.oscore.OSCOREAddress)
+        assert json.loads(note.payload)["path"] == "/public/obs/t"
+        seen.append(note.opt.observe)
+        if len(seen) == 3:
+            break
+    assert seen == sorted(set(seen))
+    assert a.stat("coap.dev.notifications") >= 3
+    assert a.stat("coap.dev.oscore_context_unavailable") == 0
