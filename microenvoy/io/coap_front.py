@@ -462,8 +462,10 @@ class CoapListener:
         if ep.gone:
             self._observers_gone()
         if req is not None:
-            if not self._accepting:
-                req.answered = True
+            if not self._accepting:  # draining: tell the device to come back (to the next agent) later
+                front.stats.rq_overflow.inc()
+                opts = ((Opt.MAX_AGE, encode_uint(1)),)
+                ep.respond(req, UNAVAILABLE, opts, b"draining", now, out)
             else:
                 front.stats.rq_total.inc()
                 counter = front.stats.by_method.get(req.message.code)

@@ -119,3 +119,19 @@ def test_non_with_unknown_critical_option_is_rejected_and_no_response_honoured(
         first = c.recv(3.0)
         assert (first.mtype, first.mid) == (RST, ping.mid), first
         assert a.stat("coap.coap.rejected") == 1
+
+
+def test_draining_listener_answers_5_03(agent: object, h2_server: object) -> None:
+    clusters = [C.cluster("up", h2_server.port, http2=True)]  # type: ignore[attr-defined]
+    a: Agent = agent(C.bootstrap([coap_listener([coap_route("/")])], clusters))  # type: ignore[operator]
+    with RawCoap(a.port("coap")) as c:
+        assert c.request(GET, "/before-drain").code == CONTENT
+        status, _ = a.admin_post("/drain_listeners?graceful")
+        assert status == 200
+
+        def refused() -> bool:
+            reply = c.request(GET, "/during-drain")
+            return reply.code == 0xA3 and reply.uint(Opt.MAX_AGE) == 1
+
+        wait_for(refused, 10, message="5.03 while draining")
+    assert h2_server.count("/during-drain") == 0  # type: ignore[attr-defined]
