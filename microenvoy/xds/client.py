@@ -249,13 +249,13 @@ class DeltaClient:
         return self._state(type_url).counters
 
     # ------------------------------------------------------------------------------------ interest
-    def restore(self, type_url: str, versions: Mapping[str, str]) -> None:
-        """Seed accepted versions from the offline cache, so the first request per type on the next stream
-        carries them in ``initial_resource_versions`` and the server sends only what differs (rule 4).
+    def restore(self, type_url: str, name: str, version: str) -> None:
+        """Seed an accepted version from the offline cache, so the first request per type on the next stream
+        carries it in ``initial_resource_versions`` and the server sends only what differs (rule 4).
 
         Only names of current interest are reported; subscribe explicit names before connecting.
         """
-        self._state(type_url).accepted.update(versions)
+        self._state(type_url).accepted[name] = version
 
     def subscribe(self, type_url: str, names: Iterable[str]) -> list[DeltaRequest]:
         """Add ``names`` (``*`` = wildcard) to the interest of ``type_url``; the request(s) to send now.

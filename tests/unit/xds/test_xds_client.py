@@ -319,7 +319,8 @@ def test_reconnect_sends_initial_resource_versions_only_in_the_first_request_per
 
 def test_first_request_of_a_type_subscribed_late_on_a_reconnected_stream_carries_its_versions() -> None:
     client = make_client()
-    client.restore(RDS, {"r1": "v1", "r2": "v2"})
+    client.restore(RDS, "r1", "v1")
+    client.restore(RDS, "r2", "v2")
     client.on_connected(0.0)
     reqs = client.subscribe(RDS, ["r1"])
     assert reqs == [
@@ -329,7 +330,7 @@ def test_first_request_of_a_type_subscribed_late_on_a_reconnected_stream_carries
 
 def test_restored_versions_from_the_cache_go_into_the_first_stream() -> None:
     client = make_client()
-    client.restore(TYPE_CLUSTER, {"c1": "h1"})
+    client.restore(TYPE_CLUSTER, "c1", "h1")
     reqs = client.on_connected(0.0)
     assert reqs[0].initial_resource_versions == {"c1": "h1"}
     assert reqs[0].node == NODE
