@@ -7,6 +7,8 @@ from typing import Any
 
 import cbor2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from microenvoy.xds.client import MAX_NACK_MESSAGE, DeltaClient, Update
 from microenvoy.xds.messages import (
@@ -542,3 +544,43 @@ def test_repr_is_one_line_with_the_state() -> None:
     client.on_disconnected(1.0)
     assert client.connected_since is None
     assert not client.connected
+
+
+# ------------------------------------------------------------------------------------------ model check
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from("abcde"), st.sampled_from(["1", "2", "3"]), max_size=5),
+            st.sets(st.sampled_from("abcde")),
+            st.sets(st.sampled_from("abcde")),
+        ),
+        max_size=8,
+    )
+)
+def test_accepted_versions_follow_a_simple_model(
+    steps: list[tuple[dict[str, str], set[str], set[str]]],
+) -> None:
+    """Whatever the sequence, accepted = applied-and-not-rejected versions minus removals, and every answer
+    is an ACK exactly when nothing was rejected, naming only the rejected resources otherwise (rule 1)."""
+    client = make_client()
+    client.on_connected(0.0)
+    model: dict[str, str] = {}
+    for i, (sent, reject, remove) in enumerate(steps):
+        removed = tuple(sorted(remove - set(sent)))
+        entries = [entry(n, v) for n, v in sorted(sent.items())]
+        rejected = {n: "bad" for n in reject if n in sent}
+        _, answer = apply(
+            client, response(TYPE_CLUSTER, f"n{i}", *entries, removed=removed), rejected=rejected
+        )
+        assert answer is not None
+        assert answer.response_nonce == f"n{i}"
+        if rejected:
+            assert answer.error_detail is not None
+            assert answer.error_detail.details == rejected
+        else:
+            assert answer.error_detail is None
+        model.update({n: v for n, v in sent.items() if n not in rejected})
+        for n in removed:
+            model.pop(n, None)
+        assert client.accepted_versions(TYPE_CLUSTER) == model
