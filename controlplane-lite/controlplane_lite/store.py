@@ -355,6 +355,36 @@ class Store:
             node_id, type_url, name, "nack_version = ?, nack_message = ?, nack_at = ?", (version, message)
         )
 
+    def record_events(self, node_id: str, rows: list[tuple[str, str, str, str, str]]) -> None:
+        """Many ``(kind, type_url, name, version, message)`` in one transaction; kind is ``sent``,
+        ``acked`` or ``nacked`` (the server's per-poll batch)."""
+        if not rows:
+            return
+        now = self._clock()
+        with self._tx() as db:
+            for kind, type_url, name, version, message in rows:
+                db.execute(
+                    "INSERT OR IGNORE INTO agent_resources (node_id, type_url, name) VALUES (?, ?, ?)",
+                    (node_id, type_url, name),
+                )
+                values: tuple[str | float, ...]
+                if kind == "sent":
+                    assign, values = "sent_version = ?, sent_at = ?", (version, now)
+                elif kind == "acked":
+                    assign, values = "acked_version = ?, acked_at = ?", (version, now)
+                elif kind == "nacked":
+                    assign, values = (
+                        "nack_version = ?, nack_message = ?, nack_at = ?",
+                        (version, message, now),
+                    )
+                else:
+                    raise ValueError(f"unknown event kind {kind!r}")
+                db.execute(
+                    f"UPDATE agent_resources SET {assign} WHERE node_id = ? AND type_url = ? AND name = ?",
+                    (*values, node_id, type_url, name),
+                )
+            db.execute("UPDATE agents SET last_seen = ? WHERE node_id = ?", (now, node_id))
+
     def _upsert_agent_resource(
         self, node_id: str, type_url: str, name: str, assign: str, values: tuple[str, ...]
     ) -> None:

@@ -1,0 +1,290 @@
+"""The gRPC server: one ``DeltaAggregatedResources`` stream per agent, driven by ``delta.DeltaStream``.
+
+A grpcio asyncio server (``grpc.aio``) with a generic handler for
+``/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources``: messages are the
+contract's CBOR maps (``microenvoy.xds.messages``), so no protobuf is involved. A malformed request ends
+the stream with ``INVALID_ARGUMENT`` naming the bad field.
+
+``ControlPlane`` keeps the **catalog** (every stored resource, signed once per version with the control
+plane's Ed25519 key) and, per stream, a ``DeltaStream`` fed with the part of the catalog the agent's node
+metadata selects. A background task polls every ``poll_interval`` seconds: the resource directory (a change
+is validated and stored, or refused and logged) and the store's generation (a ``push`` from another
+process); when the store changed, the catalog is rebuilt and every stream is woken to send its delta.
+Sent/ACK/NACK events go to the store (``status`` reads them), NACK messages are logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from microenvoy.core.errors import ConfigError
+from microenvoy.xds import cose
+from microenvoy.xds.messages import (
+    DELTA_ADS_METHOD,
+    DeltaRequest,
+    XdsProtocolError,
+    decode_request,
+    encode_response,
+)
+
+from controlplane_lite.apply import apply_change, stored_specs
+from controlplane_lite.delta import Acked, DeltaStream, Event, Nacked, Resource, Sent, StaleNonce, select
+from controlplane_lite.refs import cluster_refs
+from controlplane_lite.sources import DirectoryWatcher
+from controlplane_lite.store import Store
+from controlplane_lite.versions import LISTENER, ROUTE
+
+__all__ = ["SERVICE", "ControlPlane", "build_catalog"]
+
+log = logging.getLogger("controlplane_lite")
+
+SERVICE, _, METHOD = DELTA_ADS_METHOD.lstrip("/").partition("/")
+
+
+def _deserialize(data: bytes) -> DeltaRequest | XdsProtocolError:
+    """The request deserializer: never raises, so a bad message becomes a clean INVALID_ARGUMENT."""
+    try:
+        return decode_request(data)
+    except XdsProtocolError as exc:
+        return exc
+
+
+def build_catalog(
+    store: Store, key: Ed25519PrivateKey, cache: dict[tuple[str, str, str], bytes] | None = None
+) -> dict[str, dict[str, Resource]]:
+    """Every stored resource, signed (``cache`` keeps signatures per (type, name, version))."""
+    cache = {} if cache is None else cache
+    out: dict[str, dict[str, Resource]] = {}
+    for r in store.resources():
+        k = (r.type_url, r.name, r.version)
+        sig = cache.get(k)
+        if sig is None:
+            sig = cache[k] = cose.sign_resource(key, r.type_url, r.name, r.version, r.resource)
+        refs = frozenset(cluster_refs(r.resource)) if r.type_url in (LISTENER, ROUTE) else frozenset()
+        out.setdefault(r.type_url, {})[r.name] = Resource(
+            r.type_url, r.name, r.version, r.resource, sig, r.ttl, refs, r.selector
+        )
+    return out
+
+
+@dataclass(slots=True, eq=False)
+class _Conn:
+    """One open stream."""
+
+    stream: DeltaStream
+    peer: str
+    node_id: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    error: str = ""
+
+
+class ControlPlane:
+    """The control plane's server: the gRPC endpoint, the catalog, the directory/store poller."""
+
+    def __init__(
+        self,
+        store: Store,
+        signing_key: Ed25519PrivateKey,
+        *,
+        directory: str | None = None,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.signing_key = signing_key
+        self.poll_interval = poll_interval
+        self.watcher = DirectoryWatcher(directory) if directory else None
+        self.port = 0
+        """The bound port (after ``start``)."""
+        self.directory_errors: list[str] = []
+        """Why the last directory change was refused ([] when it was applied)."""
+        self._server: Any = None
+        self._conns: set[_Conn] = set()
+        self._catalog: dict[str, dict[str, Resource]] = {}
+        self._signatures: dict[tuple[str, str, str], bytes] = {}
+        self._generation = -1
+        self._poller: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<ControlPlane port={self.port} agents={len(self._conns)} generation={self._generation}>"
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def start(self, listen: str = "127.0.0.1:0") -> int:
+        """Load the directory, build the catalog, bind ``listen`` (port 0 = a free port) and serve."""
+        self.store.reset_connections()
+        if self.watcher is not None:
+            self.watcher.current = stored_specs(self.store, "dir:")
+            self.sync_directory()
+        self.refresh()
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                METHOD: grpc.stream_stream_rpc_method_handler(
+                    self._handle, request_deserializer=_deserialize, response_serializer=encode_response
+                )
+            },
+        )
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port(listen)
+        if not self.port:
+            raise OSError(f"cannot bind {listen}")
+        await self._server.start()
+        self._poller = asyncio.create_task(self._poll_loop())
+        log.info("controlplane-lite serving delta xDS on %s (port %d)", listen, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._server is not None:
+            await self._server.stop(grace)
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # -- sources -----------------------------------------------------------------------------------
+    def sync_directory(self) -> bool:
+        """Apply a changed resource directory to the store; True if the store changed."""
+        if self.watcher is None:
+            return False
+        try:
+            change = self.watcher.poll()
+            if change is None:
+                return False
+            applied = apply_change(self.store, change.upserts.values(), change.removals, source="dir")
+        except ConfigError as exc:
+            self.directory_errors = list(exc.errors)
+            for e in exc.errors:
+                log.warning("resource directory refused, nothing pushed: %s", e)
+            return False
+        self.directory_errors = []
+        self.watcher.accept(change)
+        if applied:
+            log.info(
+                "resource directory: %d changed, %d removed", len(applied.upserts), len(applied.removals)
+            )
+        return bool(applied)
+
+    def refresh(self) -> bool:
+        """Rebuild the catalog if the store changed (any process) and wake every stream."""
+        gen = self.store.generation()
+        if gen == self._generation:
+            return False
+        self._generation = gen
+        self._catalog = build_catalog(self.store, self.signing_key, self._signatures)
+        live = {(t, n, r.version) for t, by in self._catalog.items() for n, r in by.items()}
+        for k in [k for k in self._signatures if k not in live]:
+            del self._signatures[k]
+        for conn in self._conns:
+            conn.stream.set_snapshot(select(self._catalog, conn.metadata), str(gen))
+            conn.wake.set()
+        return True
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                self.sync_directory()
+                self.refresh()
+            except Exception:  # keep serving: a broken poll must not take the control plane down
+                log.exception("poll failed")
+
+    # -- streams -----------------------------------------------------------------------------------
+    async def _handle(self, request_iterator: AsyncIterator[Any], context: Any) -> None:
+        conn = _Conn(DeltaStream(nonce_prefix=secrets.token_hex(3) + "-"), str(context.peer()))
+        conn.stream.set_snapshot(select(self._catalog, {}), str(self._generation))
+        self._conns.add(conn)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.create_task(self._read(conn, context))
+        try:
+            while not conn.closed:
+                responses, events = conn.stream.poll(loop.time())
+                self._record(conn, events)
+                for resp in responses:
+                    await context.write(resp)
+                deadline = conn.stream.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                conn.wake.clear()
+                if not conn.closed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(conn.wake.wait(), timeout)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self._conns.discard(conn)
+            if conn.node_id:
+                self.store.agent_disconnected(conn.node_id)
+                log.info("agent %s disconnected", conn.node_id)
+        if conn.error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, conn.error)
+
+    async def _read(self, conn: _Conn, context: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    break
+                if isinstance(msg, XdsProtocolError):
+                    log.warning(
+                        "agent %s sent a malformed request: %s", conn.node_id or conn.peer, msg.reason
+                    )
+                    conn.error = msg.reason
+                    break
+                self._on_request(conn, msg, loop.time())
+                conn.wake.set()
+        finally:
+            conn.closed = True
+            conn.wake.set()
+
+    def _on_request(self, conn: _Conn, req: DeltaRequest, now: float) -> None:
+        if req.node is not None and not conn.node_id:
+            conn.node_id = req.node.id or f"unknown@{conn.peer}"
+            conn.metadata = dict(req.node.metadata)
+            self.store.agent_connected(conn.node_id, req.node.cluster, conn.metadata)
+            nacks: dict[str, dict[str, tuple[str, str]]] = {}
+            for row in self.store.agent_resources(conn.node_id):
+                if row.nack_version and row.nack_version != row.acked_version:
+                    nacks.setdefault(row.type_url, {})[row.name] = (row.nack_version, row.nack_message or "")
+            for type_url, by_name in nacks.items():
+                conn.stream.seed_nacks(type_url, by_name)
+            conn.stream.set_snapshot(select(self._catalog, conn.metadata))
+            log.info("agent %s connected from %s", conn.node_id, conn.peer)
+        elif not conn.node_id:
+            conn.node_id = f"unknown@{conn.peer}"
+            self.store.agent_connected(conn.node_id, "", {})
+        self._record(conn, conn.stream.on_request(req, now))
+
+    def _record(self, conn: _Conn, events: list[Event]) -> None:
+        rows: list[tuple[str, str, str, str, str]] = []
+        for e in events:
+            if isinstance(e, Sent):
+                rows.append(("sent", e.type_url, e.name, e.version, ""))
+            elif isinstance(e, Acked):
+                rows.append(("acked", e.type_url, e.name, e.version, ""))
+            elif isinstance(e, Nacked):
+                rows.append(("nacked", e.type_url, e.name, e.version, e.message))
+                log.warning("agent %s NACKed %s %r version %s: %s", conn.node_id, e.type_url, e.name,
+                            e.version, e.message)  # fmt: skip
+            elif isinstance(e, StaleNonce):
+                log.debug("agent %s answered a stale nonce %r", conn.node_id, e.nonce)
+        if rows and conn.node_id:
+            self.store.record_events(conn.node_id, rows)
