@@ -44,8 +44,8 @@ def write(path: Path, *docs: dict[str, Any]) -> None:
         os.utime(path, ns=(st.st_atime_ns, before + 1_000_000))
 
 
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
@@ -64,8 +64,8 @@ class Agent:
     async def send(self, req: DeltaRequest) -> None:
         await self.call.write(req)
 
-    async def recv(self, timeout: float = 5.0) -> DeltaResponse:
-        msg = await asyncio.wait_for(self.call.read(), timeout)
+    async def recv(self, within: float = 5.0) -> DeltaResponse:
+        msg = await asyncio.wait_for(self.call.read(), within)
         assert isinstance(msg, DeltaResponse), msg
         return msg
 
@@ -123,7 +123,7 @@ async def test_agent_stream_ack_push_and_nack(
         write(
             resources / "clusters.yaml", doc("cluster", cluster("api")), doc("cluster", cluster("new", 9000))
         )
-        delta = await agent.recv(timeout=1.5)
+        delta = await agent.recv(within=1.5)
         assert time.monotonic() - edited < 1.0
         assert [e.name for e in delta.resources] == ["new"]
         assert delta.removed_resources == ()
@@ -151,7 +151,7 @@ async def test_agent_stream_ack_push_and_nack(
         assert cp.store.get(CLUSTER, "broken") is None
         os.unlink(resources / "bad.yaml")
         write(resources / "listeners.yaml", doc("listener", listener("edge", 10000, cluster_name="api")))
-        lis = await agent.recv(timeout=2.0)
+        lis = await agent.recv(within=2.0)
         assert (lis.type_url, [e.name for e in lis.resources]) == (LISTENER, ["edge"])
     finally:
         await agent.close()
