@@ -1,0 +1,256 @@
+"""Command line: ``controlplane-lite serve | push | status | keys | token``.
+
+``--data DIR`` (default ``./controlplane-data``) holds the SQLite store (``store.sqlite``) and the Ed25519
+signing key (``signing-key.pem``, created with mode 0600 on first use); every command takes it.
+
+* ``serve --dir DIR [--listen ADDR]`` serves the delta xDS stream (default ``127.0.0.1:18000``; port 0 picks
+  a free port), watches DIR and applies every valid change; prints ``serving on HOST:PORT`` and writes the
+  port to ``DATA/serve.port``.
+* ``push FILE`` validates the file's resources against the stored set and stores them; a running ``serve``
+  sees the change within its poll interval and pushes it. A bad file is refused with the place of every
+  error and exit status 1.
+* ``status`` prints the fleet: agent, profile, connected since, how many of its resources run the current
+  version, and the last NACK with its message (``-v`` adds one line per resource).
+* ``keys`` prints the public key (base64 of the raw 32 bytes) to pin in agent bootstraps.
+* ``token``: not implemented yet (the bootstrap-token / CA flow comes with the identity work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from microenvoy.core.errors import ConfigError
+from microenvoy.xds import cose
+
+from controlplane_lite import __version__
+from controlplane_lite.store import Store
+from controlplane_lite.validate import describe
+
+__all__ = ["load_or_create_key", "main", "render_status"]
+
+LOG_FORMAT = "[%(asctime)s.%(msecs)03d][%(levelname)s][%(name)s] %(message)s"
+DEFAULT_DATA = "controlplane-data"
+DEFAULT_LISTEN = "127.0.0.1:18000"
+
+
+def load_or_create_key(data_dir: str) -> Ed25519PrivateKey:
+    """The signing key under ``data_dir`` (generated and written with mode 0600 on first use)."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, "signing-key.pem")
+    try:
+        with open(path, "rb") as f:
+            return cose.load_private_key(f.read())
+    except FileNotFoundError:
+        pass
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return key
+
+
+def _open_store(data_dir: str) -> Store:
+    os.makedirs(data_dir, exist_ok=True)
+    return Store(os.path.join(data_dir, "store.sqlite"))
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def render_status(store: Store, *, verbose: bool = False) -> str:
+    """The fleet table ``status`` prints (and the rollouts, if any)."""
+    current = {(r.type_url, r.name): r.version for r in store.resources()}
+    rows = [["AGENT", "PROFILE", "CONNECTED SINCE", "VERSIONS", "LAST NACK"]]
+    details: list[str] = []
+    for agent in store.agents():
+        md = agent.metadata
+        profile = str(md.get("firmware_profile") or md.get("profile") or "-")
+        res = [r for r in store.agent_resources(agent.node_id) if r.sent_version]
+        up_to_date = sum(
+            1 for r in res if r.acked_version and r.acked_version == current.get((r.type_url, r.name))
+        )
+        nacks = [r for r in res if r.nack_version and r.nack_at is not None]
+        last = max(nacks, key=lambda r: r.nack_at or 0.0, default=None)
+        nack = "-"
+        if last is not None:
+            nack = f"{describe((last.type_url, last.name))} {last.nack_version}: {last.nack_message}"
+        since = (
+            _when(agent.connected_since) if agent.connected else f"offline (seen {_when(agent.last_seen)})"
+        )
+        rows.append([agent.node_id, profile, since, f"{up_to_date}/{len(res)} current", nack])
+        if verbose:
+            for r in res:
+                want = current.get((r.type_url, r.name), "(deleted)")
+                details.append(
+                    f"  {agent.node_id}  {describe((r.type_url, r.name))}: sent {r.sent_version}, "
+                    f"acked {r.acked_version or '-'}, current {want}"
+                    + (f", NACKed {r.nack_version}: {r.nack_message}" if r.nack_version else "")
+                )
+    out = _table(rows) if len(rows) > 1 else "no agents yet"
+    if details:
+        out += "\n\n" + "\n".join(details)
+    rollouts = store.rollouts()
+    if rollouts:
+        rrows = [["ROLLOUT", "RESOURCE", "VERSION", "PERCENT", "STATE", "REASON"]]
+        for ro in rollouts:
+            what = describe((ro.type_url, ro.name))
+            rrows.append([str(ro.id), what, ro.version, f"{ro.percent}%", ro.state, ro.reason or "-"])
+        out += "\n\n" + _table(rrows)
+    return out
+
+
+# ============================================================================================ commands
+def _write_port(path: str, port: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{port}\n")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from controlplane_lite.server import ControlPlane
+
+    logging.basicConfig(
+        level=logging.WARNING, format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr
+    )
+    logging.getLogger("controlplane_lite").setLevel(args.log_level.upper())
+    if not os.path.isdir(args.dir):
+        print(f"controlplane-lite: --dir {args.dir}: not a directory", file=sys.stderr)
+        return 2
+    key = load_or_create_key(args.data)
+    store = _open_store(args.data)
+
+    async def serve() -> None:
+        cp = ControlPlane(store, key, directory=args.dir, poll_interval=args.poll_interval)
+        port = await cp.start(args.listen)
+        host = args.listen.rpartition(":")[0] or "127.0.0.1"
+        _write_port(os.path.join(args.data, "serve.port"), port)
+        for e in cp.directory_errors:
+            print(f"controlplane-lite: refused: {e}", file=sys.stderr)
+        print(f"controlplane-lite: serving on {host}:{port}", flush=True)
+        print(f"controlplane-lite: public key {cose.encode_public_key(key.public_key())}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await cp.stop(1.0)
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from controlplane_lite.apply import apply_change
+    from controlplane_lite.sources import load_file
+
+    store = _open_store(args.data)
+    try:
+        specs = []
+        for path in args.files:
+            specs.extend(load_file(path, path, f"push:{path}"))
+        change = apply_change(store, specs, source="push")
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(f"controlplane-lite: refused: {e}", file=sys.stderr)
+        print("controlplane-lite: nothing was stored", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    for key, spec in sorted(change.upserts.items()):
+        print(f"stored {describe(key)} version {spec.version}")
+    unchanged = len(specs) - len(change.upserts)
+    if unchanged:
+        print(f"{unchanged} unchanged")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    store = _open_store(args.data)
+    try:
+        print(render_status(store, verbose=args.verbose))
+    finally:
+        store.close()
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    key = load_or_create_key(args.data)
+    print(cose.encode_public_key(key.public_key()))
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    print("controlplane-lite token: not implemented yet (bootstrap tokens come with the CA)", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="controlplane-lite", description="A delta-xDS control plane for microenvoy."
+    )
+    p.add_argument("--version", action="version", version=f"controlplane-lite {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("--data", default=DEFAULT_DATA, help=f"data directory (default {DEFAULT_DATA})")
+        return sp
+
+    s = cmd("serve", "serve the delta xDS stream from a watched resource directory")
+    s.add_argument("--dir", required=True, help="directory of YAML resource files")
+    s.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN}; port 0 = free)"
+    )
+    s.add_argument("--poll-interval", type=float, default=0.5, help="seconds between directory/store polls")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_cmd_serve)
+    pu = cmd("push", "validate and store the resources of YAML files")
+    pu.add_argument("files", nargs="+", metavar="FILE")
+    pu.set_defaults(func=_cmd_push)
+    st = cmd("status", "show agents, their versions and NACKs")
+    st.add_argument("-v", "--verbose", action="store_true", help="one line per agent and resource")
+    st.set_defaults(func=_cmd_status)
+    cmd("keys", "print the resource signing public key (base64) for agent bootstraps").set_defaults(
+        func=_cmd_keys
+    )
+    cmd("token", "issue a one-time bootstrap token (not implemented yet)").set_defaults(func=_cmd_token)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
