@@ -131,6 +131,9 @@ def _secret_file(r: Reader, key: str) -> tuple[str, bytes | None]:
         return "", None
     from microenvoy.config.loader import resolve_path
 
+    if "\0" in name:
+        r.error("a file name cannot contain a NUL byte", key)
+        return "", None
     path = resolve_path(name)
     try:
         with open(path, "rb") as f:

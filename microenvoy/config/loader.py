@@ -175,10 +175,17 @@ def parse_bootstrap(doc: object, *, base_dir: str | None = None) -> Bootstrap:
             from microenvoy.config.mqtt_cluster import with_node_id
 
             static = dataclasses.replace(static, clusters=with_node_id(static.clusters, node.id))
-        not_supported(r, "dynamic_resources layered_runtime overload_manager stats_sinks")
+        dynamic = None
+        if r.has("dynamic_resources"):
+            from microenvoy.config.xds import parse_dynamic_resources
+
+            dynamic = r.object("dynamic_resources", parse_dynamic_resources)
+        not_supported(r, "layered_runtime overload_manager stats_sinks")
         r.finish()
         raw: dict[str, Any] = copy.deepcopy(dict(doc)) if isinstance(doc, Mapping) else {}
-        bootstrap = Bootstrap(node=node, admin=admin, static_resources=static, raw=raw)
+        bootstrap = Bootstrap(
+            node=node, admin=admin, static_resources=static, dynamic_resources=dynamic, raw=raw
+        )
         errors.extend(cross_check(bootstrap))
     finally:
         _base_dir.reset(token)
@@ -1052,6 +1059,7 @@ def cross_check(b: Bootstrap) -> list[str]:
             else:
                 bound[addr] = i
         errors.extend(_check_listener(li, lp, clusters, by_name))
+    errors.extend(_check_dynamic(b))
     return errors
 
 
@@ -1119,6 +1127,22 @@ def _check_listener(
             yield f"{lp}.advertise_http3.listener: unknown listener {adv.listener!r}"
         elif target.address.protocol != "UDP" or target.quic_options is None:
             yield f"{lp}.advertise_http3.listener: {adv.listener!r} is not a UDP (QUIC) listener"
+
+
+def _check_dynamic(b: Bootstrap) -> Iterator[str]:
+    dyn = b.dynamic_resources
+    if dyn is None:
+        return
+    clusters = {c.name: c for c in b.static_resources.clusters}
+    for i, name in enumerate(dyn.xds_clusters):
+        path = f"dynamic_resources.ads_config.grpc_services[{i}].envoy_grpc.cluster_name"
+        c = clusters.get(name)
+        if c is None:
+            yield f"{path}: unknown cluster {name!r} (the control plane's cluster must be a static cluster)"
+        elif c.upstream_protocol != "HTTP2":
+            yield f"{path}: cluster {name!r} must speak HTTP/2 (gRPC): set http2_protocol_options"
+    if not b.node.id:
+        yield "node.id: required with dynamic_resources (the control plane keys its state by it)"
 
 
 def _check_coap_listener(li: Listener, lp: str, clusters: Mapping[str, int]) -> Iterator[str]:

@@ -439,5 +439,7 @@ class Bootstrap:
     node: Node = field(default_factory=Node)
     admin: Admin = field(default_factory=Admin)
     static_resources: StaticResources = field(default_factory=StaticResources)
+    dynamic_resources: Any = None
+    """``microenvoy.config.xds.DynamicResources`` (delta xDS from a control plane), or None."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
     """The document as loaded (for ``/config_dump``, redacted there)."""

@@ -74,6 +74,11 @@ def _coap_proxy(chain: FilterChain) -> Any:
     return None
 
 
+def load_static_doc(b: Bootstrap, xds: Any) -> dict[str, Any]:
+    """The written document behind ``b`` (a recomposed bootstrap keeps it on the session)."""
+    return xds.static_doc if xds is not None else b.raw
+
+
 def _kind(lc: Listener) -> str:
     """``tcp``, ``quic`` or ``coap``: a listener whose kind changes on reload is replaced, not updated."""
     if any(_coap_proxy(c) is not None for c in lc.filter_chains):
@@ -121,6 +126,10 @@ class Server:
         self.admin: AdminServer | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
+        self.static_doc: dict[str, Any] = bootstrap.raw
+        """The bootstrap document as written (file or demo); dynamic resources are composed onto it."""
+        self.xds: Any = None
+        """``microenvoy.io.xds.XdsSession`` when the bootstrap has ``dynamic_resources``."""
         self.reloads = self.stats.counter("server.reload_success")
         self.reloads_rejected = self.stats.counter("server.reload_rejected")
         self.stats.gauge("server.live")
@@ -134,6 +143,11 @@ class Server:
         self.state = "INITIALIZING"
         self._stopped = asyncio.get_running_loop().create_future()
         await self.clusters.start()
+        if self.bootstrap.dynamic_resources is not None:
+            from microenvoy.io.xds import XdsSession  # only agents with a control plane load it
+
+            self.xds = XdsSession(self, self.bootstrap.dynamic_resources)
+            await self.xds.initial()  # the first update, or the cache, or static only (bounded)
         fronts = self._build_fronts(self.bootstrap)
         for lc in self.bootstrap.static_resources.listeners:
             await self._start_listener(lc, fronts[lc.name])
@@ -189,6 +203,8 @@ class Server:
             lst.close_all()
         for al in self._access_loggers.values():
             await al.aclose()
+        if self.xds is not None:
+            await self.xds.close()
         for exporter in self._exporters.values():
             if exporter is not None:
                 await exporter.close()  # the final flush goes through the collector's cluster: close it first
@@ -366,6 +382,8 @@ class Server:
             return False
         try:
             b = load_bootstrap(self.config_path)
+            if self.xds is not None:  # the new static part, with the dynamic resources composed onto it
+                b = self.xds.recompose(b)
             fronts = self._build_fronts(b)
         except ConfigError as exc:
             self.reloads_rejected.inc()
@@ -375,10 +393,26 @@ class Server:
             self.reloads_rejected.inc()
             log.error("reload rejected: %s", exc)
             return False
+        self.static_doc = load_static_doc(b, self.xds)
         asyncio.get_running_loop().create_task(self._apply(b, fronts))
         return True
 
-    async def _apply(self, b: Bootstrap, fronts: dict[str, list[FilterChainRuntime]]) -> None:
+    async def apply_config(self, b: Bootstrap) -> None:
+        """Apply a validated configuration (the control plane's): every front is built first, then swapped
+        in as a reload does; raises ``ConfigError`` (nothing changed) if building fails."""
+        if self.state == "INITIALIZING":  # before listeners start: they will be built from this one
+            self.clusters.update(b.static_resources.clusters)
+            self.bootstrap = b
+            return
+        fronts = self._build_fronts(b)
+        await self._apply(b, fronts, drain_changed=True)
+
+    async def _apply(
+        self, b: Bootstrap, fronts: dict[str, list[FilterChainRuntime]], *, drain_changed: bool = False
+    ) -> None:
+        """Swap in built fronts. ``drain_changed`` (control-plane updates): the open connections of a
+        listener whose config changed drain (``TcpListener.drain_connections``); a SIGHUP reload lets them
+        keep their chain until they end."""
         self.clusters.update(b.static_resources.clusters)
         new = {lc.name: lc for lc in b.static_resources.listeners}
         for name in list(self._lst):
@@ -403,6 +437,8 @@ class Server:
             chain = lc.filter_chains[0]
             if isinstance(existing, TcpListener):
                 existing.update(front, lc.max_connections)
+                if drain_changed and lc != self._listener_configs.get(name):
+                    existing.drain_connections(lc.drain_timeout)
             elif front and front[0].coap is not None:
                 cast("CoapListener", existing).update(front[0].coap)
             else:
@@ -463,6 +499,7 @@ class Server:
             "uptime_all_epochs": f"{up}s",
             "node": {"id": node.id, "cluster": node.cluster, "metadata": node.metadata},
             "command_line_options": {"config_path": self.config_path or ""},
+            "config_source": self.xds.info() if self.xds is not None else {"source": "static"},
         }
 
     def healthcheck_fail(self) -> None:

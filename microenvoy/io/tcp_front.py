@@ -544,6 +544,30 @@ class TcpListener:
         for c in list(self.connections):
             c.drain()
 
+    def drain_connections(self, timeout: float) -> None:
+        """The listener's config changed: the connections accepted under the old one drain. HTTP ones at
+        once (GOAWAY / ``Connection: close``: in-flight requests finish, then they close); MQTT ones keep
+        working and get DISCONNECT 0x8B (server shutting down) at the end of ``timeout``. Whatever is still
+        open then is closed."""
+        old = list(self.connections)
+        if not old:
+            return
+        loop = asyncio.get_running_loop()
+        mqtt = [c for c in old if not isinstance(c, TcpHttpConnection)]
+        for c in old:
+            if isinstance(c, TcpHttpConnection):
+                c.drain()
+
+        def end() -> None:
+            for m in mqtt:
+                if m in self.connections:
+                    m.drain()
+            for h in old:
+                if h in self.connections and isinstance(h, TcpHttpConnection) and h.transport is not None:
+                    h.transport.close()
+
+        loop.call_later(timeout, end)
+
     async def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()

@@ -38,6 +38,7 @@ __all__ = [
     "Verdict",
     "compose",
     "describe",
+    "references",
     "validate",
 ]
 
@@ -245,6 +246,30 @@ def _blame(errors: list[str], composed: Composed) -> dict[Key, list[str]]:
 
 
 _INLINED = {ROUTES: "route_config", ENDPOINTS: "load_assignment", SECRET: "tls_certificates"}
+
+
+def references(resources: Resources) -> dict[str, set[str]]:
+    """The names the Clusters and Listeners reference, by type: EDS assignments, RDS route configurations,
+    SDS secrets (what the agent subscribes to explicitly)."""
+    out: dict[str, set[str]] = {ENDPOINTS: set(), ROUTES: set(), SECRET: set()}
+    for name, c in resources.get(CLUSTER, {}).items():
+        if c.get("type") == "EDS":
+            eds = c.get("eds_cluster_config") or {}
+            out[ENDPOINTS].add(str(eds.get("service_name") or c.get("name") or name))
+    for kind in (CLUSTER, LISTENER):
+        for res in resources.get(kind, {}).values():
+            for d in _walk(res):
+                rds = d.get("rds")
+                if isinstance(rds, dict) and isinstance(rds.get("route_config_name"), str):
+                    out[ROUTES].add(rds["route_config_name"])
+                refs = d.get("tls_certificate_sds_secret_configs")
+                for ref in refs if isinstance(refs, list) else []:
+                    if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+                        out[SECRET].add(ref["name"])
+                ref = d.get("validation_context_sds_secret_config")
+                if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+                    out[SECRET].add(ref["name"])
+    return out
 
 
 def describe(key: Key) -> str:

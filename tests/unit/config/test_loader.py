@@ -885,7 +885,7 @@ CASES: list[tuple[str, Any, str]] = [
         "UDP",
         "admin.address.socket_address.protocol: unknown value 'UDP' (expected one of TCP)",
     ),
-    ("dynamic_resources", {}, "dynamic_resources: not supported yet"),
+    ("layered_runtime", {}, "layered_runtime: not supported yet"),
     ("statc_resources", {}, "statc_resources: unknown field"),
 ]
 

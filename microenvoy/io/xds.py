@@ -1,0 +1,418 @@
+"""The agent's delta xDS session: one gRPC stream to the control plane, updates applied live, the cache.
+
+``XdsSession`` drives the sans-IO ``microenvoy.xds.client.DeltaClient`` over a bidirectional gRPC stream
+(``DeltaAggregatedResources``, CBOR messages) opened on the agent's own static cluster (``xds_cluster``), so
+retries, health, TLS and stats are the ordinary cluster machinery. For each response:
+
+1. every resource's COSE_Sign1 signature is verified against the pinned keys (a bad or missing one is
+   rejected and counted in ``xds.signature_invalid``);
+2. the candidate set (applied resources + this update - removals) is composed onto the static bootstrap and
+   validated by the loader (``microenvoy.xds.resources``); an invalid resource is rejected by name and its
+   last good version stays in effect; a resource that references what the agent does not have yet is held;
+3. the result is applied through the server's reload path (fronts built first, then swapped; changed
+   clusters warm before they replace the old), the applied resources are persisted in the offline cache,
+   and the response is ACKed, or NACKed naming only the rejected resources.
+
+At start the server waits up to ``initial_fetch_timeout`` for the first update; without one it starts from the
+cache (signatures verified again) and says so in the log and ``/server_info``. The stream reconnects with
+jittered exponential backoff (500 ms to 30 s), failing over between the configured clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from microenvoy import __version__
+from microenvoy.codecs.grpc import GrpcMessageDecoder, encode_message
+from microenvoy.config.model import Bootstrap
+from microenvoy.core.errors import ConfigError
+from microenvoy.core.headers import Headers
+from microenvoy.xds import cose
+from microenvoy.xds.client import DeltaClient, Update
+from microenvoy.xds.messages import (
+    DeltaRequest,
+    DeltaResponse,
+    Node,
+    XdsProtocolError,
+    decode_response,
+    encode_request,
+)
+from microenvoy.xds.resources import CLUSTER, LISTENER, TYPES, Key, describe, references, validate
+
+if TYPE_CHECKING:
+    from microenvoy.config.xds import DynamicResources
+    from microenvoy.io.server import Server
+
+__all__ = ["XDS_PATH", "XdsSession"]
+
+log = logging.getLogger("microenvoy.xds")
+
+XDS_PATH = b"/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+_MAX_MESSAGE = 16 * 1048576
+_FIRST_TYPES = (CLUSTER, LISTENER)
+"""The initial fetch is over once these (wildcard) types have had their first response."""
+
+
+@dataclass(slots=True)
+class Applied:
+    """One resource as the agent has it (what is cached and what a NACK falls back to)."""
+
+    version: str
+    resource: dict[str, Any]
+    signature: bytes
+
+
+class XdsSession:
+    """See the module docstring."""
+
+    def __init__(self, server: Server, config: DynamicResources) -> None:
+        self.server = server
+        self.config = config
+        self.static_doc: dict[str, Any] = server.static_doc
+        self.base_dir: str | None = None
+        b = server.bootstrap
+        node = Node(
+            id=b.node.id, cluster=b.node.cluster, metadata={**b.node.metadata, "agent_version": __version__}
+        )
+        self.client = DeltaClient(node, rng=server.random)
+        self.trusted = cose.trusted_keys(cose.load_public_key(t) for t in config.trusted_keys)
+        self.applied: dict[str, dict[str, Applied]] = {t: {} for t in TYPES}
+        self.held: dict[Key, str] = {}
+        self.source = "static"
+        self.cache: Any = None
+        if config.cache_dir:
+            from microenvoy.io.xds_cache import XdsCache
+
+            self.cache = XdsCache(config.cache_dir)
+        stats = server.stats
+        self.connected = stats.gauge("xds.connected_state")
+        self.signature_invalid = stats.counter("xds.signature_invalid")
+        self.stream_errors = stats.counter("xds.stream_errors")
+        self.cache_loaded = stats.gauge("xds.cache_loaded")
+        self._per_type = {
+            t: {
+                name: stats.counter(f"xds.{t.rsplit('.', 1)[1]}.{name}")
+                for name in ("update_attempt", "update_success", "update_rejected", "held")
+            }
+            for t in TYPES
+        }
+        self._update_time = {t: stats.histogram(f"xds.{t.rsplit('.', 1)[1]}.update_time") for t in TYPES}
+        self.version_text: dict[str, str] = {}
+        self._first = asyncio.get_running_loop().create_future()
+        self._seen: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._ttl_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        n = sum(len(v) for v in self.applied.values())
+        return f"<XdsSession source={self.source} resources={n} connected={self.connected.value}>"
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def initial(self) -> None:
+        """Start the stream; return after the first update is applied, or after ``initial_fetch_timeout``
+        (then from the cache, if there is one)."""
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._ttl_task = loop.create_task(self._ttl_loop())
+        timeout = self.config.initial_fetch_timeout
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._first)
+        if self._first.done():
+            return
+        if self.cache is not None:
+            await self._load_cache()
+        else:
+            log.warning(
+                "no control-plane update within %.1fs and no cache: starting from static config", timeout
+            )
+
+    async def close(self) -> None:
+        for task in (self._task, self._ttl_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _ttl_loop(self) -> None:
+        while True:
+            deadline = self.client.next_deadline()
+            delay = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(delay)
+            try:
+                await self.expire()
+            except ConfigError as exc:
+                log.error("xDS: applying TTL expiry failed: %s", exc)
+
+    def info(self) -> dict[str, Any]:
+        """The ``config_source`` section of ``/server_info``."""
+        return {
+            "source": self.source,
+            "connected": bool(self.connected.value),
+            "resources": {t.rsplit(".", 1)[1]: len(v) for t, v in self.applied.items()},
+            "held": {describe(k): why for k, why in self.held.items()},
+            "version_info": dict(self.version_text),
+        }
+
+    def recompose(self, b: Bootstrap) -> Bootstrap:
+        """A new static bootstrap (SIGHUP) with the dynamic resources composed onto it (ConfigError if that
+        is not valid)."""
+        verdict = validate(b.raw, self._resources())
+        if verdict.bootstrap is None:
+            raise ConfigError([f"{describe(k)}: {why}" for k, why in verdict.rejected.items()])
+        self.static_doc = b.raw
+        return verdict.bootstrap
+
+    # ------------------------------------------------------------------------------- the stream
+    async def _run(self) -> None:
+        servers = list(self.config.xds_clusters)
+        while True:
+            name = self.client.next_server(servers)
+            try:
+                await self._stream(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stream_errors.inc()
+                log.info("xDS stream to cluster %s ended: %s", name, exc)
+            finally:
+                self.connected.set(0)
+            delay = self.client.on_disconnected(time.monotonic())
+            log.debug("xDS: reconnecting to the control plane in %.2fs", delay)
+            await asyncio.sleep(delay)
+
+    async def _stream(self, cluster_name: str) -> None:
+        """One stream on ``cluster_name`` until it fails (it never ends normally)."""
+        cluster = self.server.clusters.get(cluster_name)
+        if cluster is None:
+            raise ConnectionError(f"cluster {cluster_name!r} is not configured")
+        host = cluster.choose_host()
+        if host is None:
+            raise ConnectionError(f"cluster {cluster_name!r} has no healthy host")
+        headers = Headers(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"https" if cluster.config.transport_socket is not None else b"http"),
+                (b":authority", (self.config.authority or cluster_name).encode()),
+                (b":path", XDS_PATH),
+                (b"content-type", b"application/grpc+cbor"),
+                (b"te", b"trailers"),
+            ]
+        )
+        stream = await cluster.open_stream(host, headers, end_stream=False)
+        try:
+            for req in self.client.on_connected(time.monotonic()):
+                await stream.send_data(encode_message(encode_request(req)), False)
+            response_headers = await stream.read_headers()
+            status = response_headers.get(b":status")
+            if status != b"200":
+                raise ConnectionError(f"control plane answered :status {status!r}")
+            self.connected.set(1)
+            decoder = GrpcMessageDecoder(_MAX_MESSAGE)
+            while True:
+                item = await stream.read_body()
+                if item is None or isinstance(item, Headers):
+                    grpc_status = item.get(b"grpc-status") if isinstance(item, Headers) else None
+                    raise ConnectionError(f"stream ended (grpc-status {grpc_status!r})")
+                for _, message in decoder.feed(item):
+                    try:
+                        resp = decode_response(message)
+                    except XdsProtocolError as exc:
+                        log.warning("xDS: malformed response from the control plane: %s", exc)
+                        nack = self.client.reject(exc)
+                        if nack is None:
+                            raise ConnectionError(
+                                f"malformed response from the control plane: {exc}"
+                            ) from exc
+                        await stream.send_data(encode_message(encode_request(nack)), False)
+                        continue
+                    for req in await self._handle(resp):
+                        await stream.send_data(encode_message(encode_request(req)), False)
+        finally:
+            stream.reset()
+
+    # ------------------------------------------------------------------------------- updates
+    def _resources(
+        self, extra: dict[str, dict[str, Applied]] | None = None
+    ) -> dict[str, dict[str, dict[str, Any]]]:
+        out = {t: {n: a.resource for n, a in v.items()} for t, v in self.applied.items()}
+        for t, v in (extra or {}).items():
+            out.setdefault(t, {}).update({n: a.resource for n, a in v.items()})
+        return out
+
+    async def _handle(self, resp: DeltaResponse) -> list[DeltaRequest]:
+        """One response: verify, validate, apply, cache; the ACK/NACK (and new subscriptions) to send."""
+        now = time.monotonic()
+        update: Update = self.client.on_response(resp, now)
+        t = update.type_url
+        if update.error is not None:  # the whole response is refused (a type the agent did not ask for)
+            log.warning("xDS: response for %s refused: %s", t, update.error)
+            ack = self.client.ack(update)
+            return [ack] if ack is not None else []
+        counters = self._per_type.get(t)
+        if counters is not None:
+            counters["update_attempt"].inc()
+        rejected: dict[str, str] = {}
+        incoming: dict[str, Applied] = {}
+        for name, entry in update.resources.items():
+            if entry.resource is None:
+                continue  # a TTL heartbeat: nothing to apply
+            try:
+                if self.config.require_signatures or entry.signature is not None:
+                    cose.verify_resource(
+                        self.trusted, entry.signature or b"", t, name, entry.version, entry.resource
+                    )
+            except cose.SignatureError as exc:
+                self.signature_invalid.inc()
+                rejected[name] = f"signature: {exc}"
+                log.warning(
+                    "xDS: %s version %s refused: bad signature (%s)", describe((t, name)), entry.version, exc
+                )
+                continue
+            incoming[name] = Applied(entry.version, dict(entry.resource), entry.signature or b"")
+        async with self._lock:
+            started = time.perf_counter()
+            previous = dict(self.applied.get(t, {}))
+            candidate = dict(previous)
+            candidate.update(incoming)
+            for name in update.removed:
+                candidate.pop(name, None)
+            self.applied[t] = candidate
+            verdict = validate(self.static_doc, self._resources())
+            for key, why in verdict.rejected.items():
+                if key[0] == t and key[1] in incoming:
+                    rejected[key[1]] = why
+                    if key[1] in previous:  # the last good version stays in effect
+                        candidate[key[1]] = previous[key[1]]
+                    else:
+                        candidate.pop(key[1], None)
+            if any(k[0] == t and k[1] in incoming for k in verdict.rejected):
+                verdict = validate(self.static_doc, self._resources())
+            applied_ok = False
+            if verdict.bootstrap is not None and not verdict.rejected:
+                try:
+                    await self.server.apply_config(verdict.bootstrap)
+                    applied_ok = True
+                except ConfigError as exc:
+                    for name in incoming:
+                        rejected.setdefault(name, "; ".join(exc.errors))
+            if not applied_ok:
+                self.applied[t] = previous
+                for name in incoming:
+                    rejected.setdefault(
+                        name,
+                        "; ".join(f"{describe(k)}: {w}" for k, w in verdict.rejected.items())
+                        or "not applied",
+                    )
+            self.held = verdict.held
+            if counters is not None:
+                counters["held"].inc(sum(1 for k in verdict.held if k[0] == t))
+                (counters["update_rejected"] if rejected else counters["update_success"]).inc()
+                self._update_time[t].record((time.perf_counter() - started) * 1000.0)
+            if applied_ok:
+                self.source = "control_plane"
+                if resp.system_version_info:
+                    self.version_text[t.rsplit(".", 1)[1]] = resp.system_version_info
+                self._persist(t, incoming, rejected, update.removed)
+        for name, why in rejected.items():
+            log.warning("xDS: NACK %s: %s", describe((t, name)), why)
+        self._seen.add(t)
+        if not self._first.done() and all(x in self._seen for x in _FIRST_TYPES):
+            self._first.set_result(None)
+        out: list[DeltaRequest] = []
+        ack = self.client.ack(update, {n: w for n, w in rejected.items() if n in update.resources})
+        if ack is not None:
+            out.append(ack)
+        out += self._follow_references()
+        return out
+
+    def _follow_references(self) -> list[DeltaRequest]:
+        """Subscribe to what the applied and held resources reference (EDS assignments, RDS route
+        configurations, SDS secrets) and unsubscribe from what nothing references any more."""
+        wanted = references(self._resources())
+        out: list[DeltaRequest] = []
+        for type_url, names in wanted.items():
+            current = set(self.client.subscriptions(type_url))
+            add = sorted(names - current)
+            drop = sorted(current - names)
+            if add:
+                out += self.client.subscribe(type_url, add)
+            if drop:
+                out += self.client.unsubscribe(type_url, drop)
+        return out
+
+    async def expire(self) -> None:
+        """Remove resources whose TTL passed without a refresh (DELTA.md rule 7) and apply the result."""
+        gone = self.client.expired(time.monotonic())
+        if not gone:
+            return
+        async with self._lock:
+            for type_url, name in gone:
+                self.applied.get(type_url, {}).pop(name, None)
+                log.warning(
+                    "xDS: %s expired (TTL, no refresh from the control plane)", describe((type_url, name))
+                )
+                if self.cache is not None:
+                    with contextlib.suppress(OSError):
+                        self.cache.remove(type_url, name)
+            verdict = validate(self.static_doc, self._resources())
+            if verdict.bootstrap is not None:
+                await self.server.apply_config(verdict.bootstrap)
+                self.held = verdict.held
+
+    def _persist(
+        self, type_url: str, incoming: dict[str, Applied], rejected: dict[str, str], removed: Any
+    ) -> None:
+        if self.cache is None:
+            return
+        from microenvoy.io.xds_cache import XdsCacheError
+
+        try:
+            self.cache.store_many(
+                (type_url, name, a.version, a.resource, a.signature)
+                for name, a in incoming.items()
+                if name not in rejected
+            )
+            for name in removed:
+                self.cache.remove(type_url, name)
+        except (OSError, XdsCacheError) as exc:  # a full or read-only disk must not stop the data plane
+            log.error("xDS cache: cannot write %s: %s", self.config.cache_dir, exc)
+
+    async def _load_cache(self) -> None:
+        found = self.cache.load(self.trusted)
+        loaded = found.resources
+        for path, reason in found.problems:
+            log.warning("xDS cache: skipped %s: %s", path, reason)
+        if not loaded:
+            log.warning(
+                "no control-plane update within %.1fs and the cache is empty: starting from static config",
+                self.config.initial_fetch_timeout,
+            )
+            return
+        for item in loaded:
+            self.applied.setdefault(item.type_url, {})[item.name] = Applied(
+                item.version, item.resource, item.signature
+            )
+        verdict = validate(self.static_doc, self._resources())
+        if verdict.bootstrap is None or verdict.rejected:
+            log.error("xDS cache does not validate (%s): starting from static config", verdict.rejected)
+            self.applied = {t: {} for t in TYPES}
+            return
+        await self.server.apply_config(verdict.bootstrap)
+        self.held = verdict.held
+        self.source = "cache"
+        self.cache_loaded.set(1)
+        for item in loaded:  # the reconnect asks only for what changed since
+            self.client.restore(item.type_url, item.name, item.version)
+        log.warning(
+            "no control-plane update within %.1fs: serving from the cache in %s "
+            "(%d resources, signatures verified)",
+            self.config.initial_fetch_timeout, self.config.cache_dir, len(loaded),
+        )  # fmt: skip
