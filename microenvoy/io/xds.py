@@ -320,7 +320,7 @@ class XdsSession:
                 self.source = "control_plane"
                 if resp.system_version_info:
                     self.version_text[t.rsplit(".", 1)[1]] = resp.system_version_info
-                self._persist(t, incoming, rejected, update.removed)
+                await self._persist(t, incoming, rejected, update.removed)
         for name, why in rejected.items():
             log.warning("xDS: NACK %s: %s", describe((t, name)), why)
         self._seen.add(t)
@@ -367,26 +367,34 @@ class XdsSession:
                 await self.server.apply_config(verdict.bootstrap)
                 self.held = verdict.held
 
-    def _persist(
+    async def _persist(
         self, type_url: str, incoming: dict[str, Applied], rejected: dict[str, str], removed: Any
     ) -> None:
+        """Write what was applied to the cache in a worker thread (fsyncs on an SD card must not stall the
+        loop)."""
         if self.cache is None:
             return
         from microenvoy.io.xds_cache import XdsCacheError
 
-        try:
-            self.cache.store_many(
-                (type_url, name, a.version, a.resource, a.signature)
-                for name, a in incoming.items()
-                if name not in rejected
-            )
+        cache = self.cache
+        entries = [
+            (type_url, n, a.version, a.resource, a.signature)
+            for n, a in incoming.items()
+            if n not in rejected
+        ]
+
+        def write() -> None:
+            cache.store_many(entries)
             for name in removed:
-                self.cache.remove(type_url, name)
+                cache.remove(type_url, name)
+
+        try:
+            await asyncio.to_thread(write)
         except (OSError, XdsCacheError) as exc:  # a full or read-only disk must not stop the data plane
             log.error("xDS cache: cannot write %s: %s", self.config.cache_dir, exc)
 
     async def _load_cache(self) -> None:
-        found = self.cache.load(self.trusted)
+        found = await asyncio.to_thread(self.cache.load, self.trusted)
         loaded = found.resources
         for path, reason in found.problems:
             log.warning("xDS cache: skipped %s: %s", path, reason)
