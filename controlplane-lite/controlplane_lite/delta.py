@@ -35,12 +35,19 @@ The rules of DELTA.md, as implemented:
    name and version, no body, no signature -- there is nothing to sign) is sent every ``ttl / 2``. A NACKed
    heartbeat (the agent no longer has it) makes the resource go out in full again.
 
+Targeting and staged rollouts happen before the stream, in ``select``: an agent's view holds only the
+resources whose selector its node metadata matches (a resource that stops matching is therefore removed
+from that agent like a deleted one), and a resource under a staged rollout (``Resource.rollout``) is the new
+version for the agents of the first stage (``in_first_stage``: a stable hash of node id and resource name)
+and the previous version -- or nothing, for a new resource -- for everyone else.
+
 Nonces are ``<prefix><counter>``: unique per stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +71,12 @@ __all__ = [
     "Resource",
     "Sent",
     "Snapshot",
+    "Staged",
     "StaleNonce",
+    "in_first_stage",
     "matches",
     "select",
+    "stage_bucket",
 ]
 
 UPDATE_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
@@ -94,6 +104,21 @@ class Resource:
     """Clusters it routes to (Listener, RouteConfiguration): gates it until the agent ACKed them."""
     selector: Mapping[str, str] = field(default_factory=dict)
     """Node labels an agent must carry to get it (``select``)."""
+    rollout: Staged | None = None
+    """A staged rollout of this version in progress (running or halted), or None: everyone gets it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A version in its first rollout stage: who gets it, and what everyone else keeps."""
+
+    percent: int
+    """The share (1..99) of matching agents in the first stage (``in_first_stage``)."""
+    previous: Resource | None
+    """What the agents outside the first stage get: the version they had (None: the resource is new)."""
+    also: frozenset[str] = frozenset()
+    """Node ids in the first stage besides the hash choice (the one agent picked when no known agent
+    fell under the percentage, so that a small fleet still has a first stage)."""
 
 
 Snapshot = Mapping[str, Mapping[str, Resource]]
@@ -162,12 +187,36 @@ def matches(selector: Mapping[str, str], metadata: Mapping[str, Any]) -> bool:
     return True
 
 
-def select(catalog: Snapshot, metadata: Mapping[str, Any]) -> dict[str, dict[str, Resource]]:
-    """The part of ``catalog`` whose selectors the node ``metadata`` matches."""
-    return {
-        t: {n: r for n, r in by_name.items() if not r.selector or matches(r.selector, metadata)}
-        for t, by_name in catalog.items()
-    }
+def stage_bucket(node_id: str, name: str) -> int:
+    """A stable number in 0..9999 for (node id, resource name): the agent's place in a staged rollout."""
+    digest = hashlib.sha256(f"{node_id}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000
+
+
+def in_first_stage(node_id: str, name: str, percent: int, also: Collection[str] = ()) -> bool:
+    """Whether the agent ``node_id`` is in the first stage of a ``percent`` rollout of ``name``."""
+    return stage_bucket(node_id, name) < percent * 100 or node_id in also
+
+
+def select(
+    catalog: Snapshot, metadata: Mapping[str, Any], node_id: str = ""
+) -> dict[str, dict[str, Resource]]:
+    """What the agent ``node_id`` with node ``metadata`` should have: the resources whose selector it
+    matches; under a staged rollout, the new version in the first stage and the previous one elsewhere."""
+    out: dict[str, dict[str, Resource]] = {}
+    for t, by_name in catalog.items():
+        view: dict[str, Resource] = {}
+        for n, r in by_name.items():
+            if r.selector and not matches(r.selector, metadata):
+                continue
+            staged = r.rollout
+            if staged is not None and not in_first_stage(node_id, n, staged.percent, staged.also):
+                if staged.previous is None:
+                    continue
+                r = staged.previous
+            view[n] = r
+        out[t] = view
+    return out
 
 
 @dataclass(slots=True)

@@ -5,8 +5,9 @@ each file holds one or more YAML documents separated by ``---``; empty documents
 
     type: cluster            # cluster | endpoint | listener | route | secret (required)
     name: api                # optional: defaults to the resource's own name (cluster_name for endpoint)
-    selector:                # optional: node metadata labels an agent must carry (all of them)
-      labels: {site: berlin}
+    selector:                # optional: node metadata labels an agent must carry (all of them),
+      site: berlin           #   e.g. site, profile, arch; ``selector: {labels: {...}}`` is the same
+      arch: arm64
     rollout: {percent: 10}   # optional: staged rollout, 1..100 (default: everyone at once)
     ttl: 30s                 # optional: the agent drops it without a refresh (heartbeats are sent)
     resource:                # required: the resource in Envoy's JSON naming, exactly as in a bootstrap's
@@ -42,7 +43,9 @@ __all__ = [
     "ResourceSpec",
     "diff",
     "load_directory",
+    "load_document",
     "load_file",
+    "parse_document",
     "parse_documents",
 ]
 
@@ -156,18 +159,7 @@ def _parse_doc(doc: object, origin: str, source: str, errors: list[str]) -> Reso
         if t != type_url:
             r.error(f"expected {type_url!r}, got {t!r}", "resource.@type")
         resource["@type"] = type_url
-    selector: dict[str, str] = {}
-    sel = r.mapping("selector")
-    if sel is not None:
-        labels = sel.get("labels")
-        if labels is not None:
-            if not isinstance(labels, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-            ):
-                sel.error("expected a mapping of label names to string values", "labels")
-            else:
-                selector = dict(labels)
-        sel.finish()
+    selector = _selector(r)
     percent: int | None = None
     ro = r.mapping("rollout")
     if ro is not None:
@@ -188,16 +180,76 @@ def _parse_doc(doc: object, origin: str, source: str, errors: list[str]) -> Reso
     return ResourceSpec(type_url, name, resource, selector, percent, ttl, origin, source)
 
 
-def parse_documents(text: str, display: str, source: str = "") -> list[ResourceSpec]:
-    """Every resource in the YAML ``text`` of a file shown as ``display``; raises ``ConfigError``."""
+def _selector(r: Reader) -> dict[str, str]:
+    """``selector: {site: x, profile: y}`` (or the same under ``labels``): label name -> string value."""
+    raw = r.get("selector")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        r.error("expected a mapping of node metadata labels to values", "selector")
+        return {}
+    out: dict[str, str] = {}
+    items = [(f"selector.{k}", k, v) for k, v in raw.items() if k != "labels"]
+    labels = raw.get("labels")
+    if labels is not None:
+        if isinstance(labels, Mapping):
+            items += [(f"selector.labels.{k}", k, v) for k, v in labels.items()]
+        else:
+            r.error("expected a mapping of label names to values", "selector.labels")
+    for path, k, v in items:
+        if not isinstance(k, str) or not k:
+            r.error(f"label names must be non-empty strings, got {k!r}", "selector")
+        elif not isinstance(v, str):
+            r.error(f"expected a string, got {v!r} (quote it)", path)
+        elif k in out and out[k] != v:
+            r.error(f"label {k!r} is given twice with different values", path)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_document(
+    doc: object, origin: str, source: str = "", *, kind: str | None = None, name: str | None = None
+) -> ResourceSpec:
+    """One resource document (the file format's mapping); ``kind`` and ``name`` (the REST API's URL) fill
+    ``type`` and ``name`` and must agree with them if the document has them. Raises ``ConfigError``."""
+    if isinstance(doc, Mapping) and (kind is not None or name is not None):
+        doc = dict(doc)
+        for field_name, value in (("type", kind), ("name", name)):
+            if value is None:
+                continue
+            have = doc.setdefault(field_name, value)
+            if have != value:
+                raise ConfigError([f"{origin}.{field_name}: {have!r} differs from {value!r} in the URL"])
+    errors: list[str] = []
+    spec = _parse_doc(doc, origin, source, errors)
+    if errors or spec is None:
+        raise ConfigError(errors or [f"{origin}: not a resource document"])
+    return spec
+
+
+def _load_all(text: str, display: str) -> list[object]:
     try:
-        docs = list(yaml.load_all(text, Loader=_StrictLoader))  # a SafeLoader subclass: safe
+        return list(yaml.load_all(text, Loader=_StrictLoader))  # a SafeLoader subclass: safe
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{display}:{mark.line + 1}:{mark.column + 1}" if mark is not None else display
         raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}"]) from None
     except (yaml.YAMLError, RecursionError) as exc:
         raise ConfigError([f"{display}: invalid YAML: {exc}"]) from None
+
+
+def load_document(text: str, display: str) -> object:
+    """Exactly one YAML (or JSON: a subset) document from ``text``; raises ``ConfigError``."""
+    docs = [d for d in _load_all(text, display) if d is not None]
+    if len(docs) != 1:
+        raise ConfigError([f"{display}: expected one document, got {len(docs)}"])
+    return docs[0]
+
+
+def parse_documents(text: str, display: str, source: str = "") -> list[ResourceSpec]:
+    """Every resource in the YAML ``text`` of a file shown as ``display``; raises ``ConfigError``."""
+    docs = _load_all(text, display)
     errors: list[str] = []
     specs: list[ResourceSpec] = []
     for i, doc in enumerate(docs):

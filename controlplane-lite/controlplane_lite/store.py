@@ -9,6 +9,15 @@ Agents: one row per node id (cluster, metadata, connected since, last seen) and 
 resource with the last sent version, the last ACKed version and the last NACK (version, message, time) --
 what ``status`` shows (DELTA.md rule 6).
 
+Rollouts (staged changes, see ``rollout.py``): storing a new version of a resource that has
+``rollout_percent`` (1..99) starts a rollout in the same transaction (so no server ever sees the new version
+without it); the rollout remembers the previous version, which everyone outside the first stage keeps. A
+later version supersedes a running or halted rollout (the new one starts from the same previous version); a
+deletion cancels it. Recording agent answers moves rollouts on, in the same transaction: a NACK of the
+version halts its rollout (``halted``, the NACK as the reason), and once every connected agent of the first
+stage has ACKed it the rollout is ``complete`` (everyone gets it); ``promote_rollout`` does that by hand.
+Every rollout state change bumps the generation, so a running server rebuilds what its agents get.
+
 The API is synchronous and small; each call is one short transaction. ``clock`` is injected for tests.
 """
 
@@ -24,9 +33,11 @@ from typing import Any
 
 import cbor2
 
+from controlplane_lite.delta import in_first_stage, matches, stage_bucket
 from controlplane_lite.versions import canonical, resource_version
 
 __all__ = [
+    "ACTIVE_STATES",
     "AgentResourceStatus",
     "AgentStatus",
     "HistoryEntry",
@@ -61,10 +72,17 @@ CREATE TABLE IF NOT EXISTS agent_resources (
 CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, type_url TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL,
     percent INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL, updated REAL NOT NULL
+    created REAL NOT NULL, updated REAL NOT NULL, previous_version TEXT, stage TEXT NOT NULL DEFAULT '[]'
 );
+CREATE INDEX IF NOT EXISTS rollouts_by_resource ON rollouts (type_url, name, id);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
 """
+
+_ROLLOUT_COLUMNS = {"previous_version": "TEXT", "stage": "TEXT NOT NULL DEFAULT '[]'"}
+"""Columns added to ``rollouts`` after the first schema (added to older databases at open)."""
+
+ACTIVE_STATES = ("running", "halted")
+"""Rollout states in which the first stage and the rest of the fleet run different versions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,13 +182,23 @@ class Rollout:
     percent: int
     """The share of matching agents that get it first."""
     state: str
-    """``running``, ``halted`` or ``complete``."""
+    """``running``, ``halted`` (an agent NACKed), ``complete`` (everyone gets it), ``superseded`` (a newer
+    version replaced it) or ``cancelled`` (the resource was deleted)."""
     reason: str
-    """Why it halted (the NACK), if it did."""
+    """Why it halted (the NACK: ``<node> NACKed: <message>``), was promoted, superseded or cancelled."""
     created: float
     """When it started."""
     updated: float
     """When its state last changed."""
+    previous_version: str | None = None
+    """The version the agents outside the first stage keep (None: the resource is new to them)."""
+    stage: tuple[str, ...] = ()
+    """Node ids added to the first stage besides the hash choice (see ``delta.Staged.also``)."""
+
+    @property
+    def active(self) -> bool:
+        """Running or halted: the fleet is split between the new and the previous version."""
+        return self.state in ACTIVE_STATES
 
 
 class Store:
@@ -187,6 +215,10 @@ class Store:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 self._db.execute(statement)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(rollouts)").fetchall()}
+        for column, decl in _ROLLOUT_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE rollouts ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -224,7 +256,8 @@ class Store:
         """Store ``resource`` as the current version of ``(type_url, name)``; True if anything changed.
 
         The version is the content hash of ``resource``; storing the same content (and the same targeting)
-        again changes nothing and does not bump the generation.
+        again changes nothing and does not bump the generation. A new version with ``rollout_percent``
+        1..99 starts a staged rollout (see the module docstring).
         """
         version = resource_version(resource)
         blob = canonical(dict(resource))
@@ -256,8 +289,48 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (type_url, name, version, blob, source, now),
                 )
+            self._stage_change(
+                db, type_url, name, None if row is None else row[0], version, rollout_percent, selector or {}
+            )
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
         return True
+
+    def _stage_change(
+        self,
+        db: sqlite3.Connection,
+        type_url: str,
+        name: str,
+        old: str | None,
+        version: str,
+        percent: int | None,
+        selector: Mapping[str, str],
+    ) -> None:
+        """Start, supersede or adjust the rollout of ``(type_url, name)`` for a stored change."""
+        now = self._clock()
+        staged = percent is not None and 0 < percent < 100
+        active = _active(db, type_url, name)
+        if old == version:  # a targeting change: a running rollout follows a new percentage
+            if active is not None and active.state == "running" and percent != active.percent:
+                if staged:
+                    db.execute(
+                        "UPDATE rollouts SET percent = ?, updated = ? WHERE id = ?", (percent, now, active.id)
+                    )
+                else:
+                    _set_state(db, active.id, "complete", "rollout percentage removed", now)
+            return
+        base = old
+        if active is not None:
+            base = active.previous_version
+            _set_state(db, active.id, "superseded", f"superseded by version {version}", now)
+        if not staged or base == version:
+            return
+        known = [(a.node_id, a.metadata) for a in _agents(db)]
+        also = _fallback_stage(known, name, percent or 0, selector, ())
+        db.execute(
+            "INSERT INTO rollouts (type_url, name, version, percent, state, created, updated, "
+            "previous_version, stage) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+            (type_url, name, version, percent, now, now, base, json.dumps(sorted(also))),
+        )
 
     def delete(self, type_url: str, name: str, *, source: str = "") -> bool:
         """Remove the resource (its history keeps a deletion entry); True if it existed."""
@@ -271,6 +344,9 @@ class Store:
                 "VALUES (?, ?, NULL, NULL, ?, ?)",
                 (type_url, name, source, now),
             )
+            active = _active(db, type_url, name)
+            if active is not None:
+                _set_state(db, active.id, "cancelled", "resource deleted", now)
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
         return True
 
@@ -328,6 +404,7 @@ class Store:
                 "last_seen = excluded.last_seen",
                 (node_id, cluster, meta, now, now),
             )
+            self._advance_rollouts(db, [])
 
     def agent_disconnected(self, node_id: str) -> None:
         now = self._clock()
@@ -338,6 +415,7 @@ class Store:
                 "WHERE node_id = ?",
                 (now, node_id),
             )
+            self._advance_rollouts(db, [])
 
     def agent_seen(self, node_id: str) -> None:
         with self._tx() as db:
@@ -384,6 +462,68 @@ class Store:
                     (*values, node_id, type_url, name),
                 )
             db.execute("UPDATE agents SET last_seen = ? WHERE node_id = ?", (now, node_id))
+            self._advance_rollouts(db, [(node_id, *r) for r in rows if r[0] in ("acked", "nacked")])
+
+    def _advance_rollouts(
+        self, db: sqlite3.Connection, answers: list[tuple[str, str, str, str, str, str]]
+    ) -> None:
+        """Move running rollouts on after agent answers ``(node, kind, type_url, name, version, message)``
+        or a connect/disconnect: halt on a NACK of the version, complete when the first stage ACKed it,
+        pick a first-stage agent when no known agent is in the first stage."""
+        running = [r for r in _rollouts(db, "WHERE state = 'running'")]
+        if not running:
+            return
+        now = self._clock()
+        changed = False
+        for ro in running:
+            nack = next(
+                (
+                    a
+                    for a in answers
+                    if a[1] == "nacked" and (a[2], a[3], a[4]) == (ro.type_url, ro.name, ro.version)
+                ),
+                None,
+            )
+            if nack is not None:
+                _set_state(db, ro.id, "halted", f"{nack[0]} NACKed: {nack[5]}", now)
+                changed = True
+                continue
+            sel_row = db.execute(
+                "SELECT selector, version FROM resources WHERE type_url = ? AND name = ?",
+                (ro.type_url, ro.name),
+            ).fetchone()
+            if sel_row is None or sel_row[1] != ro.version:
+                continue
+            selector: dict[str, str] = json.loads(sel_row[0])
+            agents = [a for a in _agents(db) if not selector or matches(selector, a.metadata)]
+            known = [(a.node_id, a.metadata) for a in agents]
+            also = _fallback_stage(known, ro.name, ro.percent, selector, ro.stage)
+            if also != frozenset(ro.stage):
+                db.execute(
+                    "UPDATE rollouts SET stage = ?, updated = ? WHERE id = ?",
+                    (json.dumps(sorted(also)), now, ro.id),
+                )
+                changed = True
+            stage = [
+                a.node_id
+                for a in agents
+                if a.connected and in_first_stage(a.node_id, ro.name, ro.percent, also)
+            ]
+            if not stage:
+                continue
+            acked = {
+                nid
+                for (nid,) in db.execute(
+                    "SELECT node_id FROM agent_resources WHERE type_url = ? AND name = ? AND "
+                    "acked_version = ?",
+                    (ro.type_url, ro.name, ro.version),
+                ).fetchall()
+            }
+            if all(nid in acked for nid in stage):
+                _set_state(db, ro.id, "complete", f"first stage ACKed ({len(stage)} agents)", now)
+                changed = True
+        if changed:
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
 
     def _upsert_agent_resource(
         self, node_id: str, type_url: str, name: str, assign: str, values: tuple[str, ...]
@@ -400,14 +540,7 @@ class Store:
             )
 
     def agents(self) -> list[AgentStatus]:
-        rows = self._db.execute(
-            "SELECT node_id, cluster, metadata, streams, connected_since, last_seen FROM agents "
-            "ORDER BY node_id"
-        ).fetchall()
-        return [
-            AgentStatus(nid, cl, json.loads(meta), streams > 0, since, seen)
-            for nid, cl, meta, streams, since, seen in rows
-        ]
+        return _agents(self._db)
 
     def agent_resources(self, node_id: str) -> list[AgentResourceStatus]:
         rows = self._db.execute(
@@ -418,32 +551,104 @@ class Store:
         return [AgentResourceStatus(*row) for row in rows]
 
     # -- rollouts ----------------------------------------------------------------------------------
-    def start_rollout(self, type_url: str, name: str, version: str, percent: int) -> int:
+    def start_rollout(
+        self, type_url: str, name: str, version: str, percent: int, previous_version: str | None = None
+    ) -> int:
+        """Record a running rollout by hand (``put`` starts them itself); bumps the generation."""
         now = self._clock()
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO rollouts (type_url, name, version, percent, state, created, updated) "
-                "VALUES (?, ?, ?, ?, 'running', ?, ?)",
-                (type_url, name, version, percent, now, now),
+                "INSERT INTO rollouts (type_url, name, version, percent, state, created, updated, "
+                "previous_version) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
+                (type_url, name, version, percent, now, now, previous_version),
             )
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
             return int(cur.lastrowid or 0)
 
     def set_rollout_state(self, rollout_id: int, state: str, reason: str = "") -> None:
         with self._tx() as db:
-            db.execute(
-                "UPDATE rollouts SET state = ?, reason = ?, updated = ? WHERE id = ?",
-                (state, reason, self._clock(), rollout_id),
-            )
+            _set_state(db, rollout_id, state, reason, self._clock())
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+    def promote_rollout(self, rollout_id: int, *, force: bool = False) -> Rollout:
+        """Send a running rollout's version to everyone (``complete``); a halted one only with ``force``.
+        Raises ``LookupError`` (no such rollout) or ``ValueError`` (not in a state to promote)."""
+        with self._tx() as db:
+            found = _rollouts(db, "WHERE id = ?", (rollout_id,))
+            if not found:
+                raise LookupError(f"no rollout {rollout_id}")
+            ro = found[0]
+            if ro.state != "running" and not (force and ro.state == "halted"):
+                hint = " (use force to promote a halted rollout)" if ro.state == "halted" else ""
+                raise ValueError(f"rollout {rollout_id} is {ro.state}{hint}")
+            reason = "promoted by hand" + (f" after: {ro.reason}" if ro.state == "halted" else "")
+            _set_state(db, ro.id, "complete", reason, self._clock())
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            (done,) = _rollouts(db, "WHERE id = ?", (rollout_id,))
+            return done
 
     def rollouts(self) -> list[Rollout]:
-        rows = self._db.execute(
-            "SELECT id, type_url, name, version, percent, state, reason, created, updated FROM rollouts "
-            "ORDER BY id"
-        ).fetchall()
-        return [Rollout(*row) for row in rows]
+        """Every rollout, oldest first."""
+        return _rollouts(self._db, "")
+
+    def active_rollouts(self) -> dict[tuple[str, str], Rollout]:
+        """(type URL, name) -> its running or halted rollout."""
+        return {(r.type_url, r.name): r for r in _rollouts(self._db, "WHERE state IN ('running', 'halted')")}
 
 
 _RES_COLS = "type_url, name, version, resource, selector, rollout_percent, ttl, source, created, updated"
+_ROLLOUT_COLS = (
+    "id, type_url, name, version, percent, state, reason, created, updated, previous_version, stage"
+)
+
+
+def _rollouts(db: sqlite3.Connection, where: str, args: tuple[Any, ...] = ()) -> list[Rollout]:
+    rows = db.execute(f"SELECT {_ROLLOUT_COLS} FROM rollouts {where} ORDER BY id", args).fetchall()
+    out: list[Rollout] = []
+    for rid, t, n, v, pct, state, reason, created, updated, prev, stage in rows:
+        out.append(
+            Rollout(rid, t, n, v, pct, state, reason, created, updated, prev, tuple(json.loads(stage)))
+        )
+    return out
+
+
+def _active(db: sqlite3.Connection, type_url: str, name: str) -> Rollout | None:
+    found = _rollouts(
+        db, "WHERE type_url = ? AND name = ? AND state IN ('running', 'halted')", (type_url, name)
+    )
+    return found[-1] if found else None
+
+
+def _set_state(db: sqlite3.Connection, rollout_id: int, state: str, reason: str, now: float) -> None:
+    db.execute(
+        "UPDATE rollouts SET state = ?, reason = ?, updated = ? WHERE id = ?",
+        (state, reason, now, rollout_id),
+    )
+
+
+def _agents(db: sqlite3.Connection) -> list[AgentStatus]:
+    rows = db.execute(
+        "SELECT node_id, cluster, metadata, streams, connected_since, last_seen FROM agents ORDER BY node_id"
+    ).fetchall()
+    return [
+        AgentStatus(nid, cl, json.loads(meta), streams > 0, since, seen)
+        for nid, cl, meta, streams, since, seen in rows
+    ]
+
+
+def _fallback_stage(
+    known: list[tuple[str, Mapping[str, Any]]],
+    name: str,
+    percent: int,
+    selector: Mapping[str, str],
+    also: tuple[str, ...] | frozenset[str],
+) -> frozenset[str]:
+    """``also`` plus, when none of the ``known`` matching agents is in the first stage, the one with the
+    lowest stage bucket (a small fleet still gets a first stage; the choice is kept once made)."""
+    matching = [nid for nid, md in known if not selector or matches(selector, md)]
+    if not matching or any(in_first_stage(nid, name, percent, also) for nid in matching):
+        return frozenset(also)
+    return frozenset(also) | {min(matching, key=lambda nid: (stage_bucket(nid, name), nid))}
 
 
 def _resource(row: tuple[Any, ...]) -> StoredResource:
