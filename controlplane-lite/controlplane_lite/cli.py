@@ -11,8 +11,13 @@ signing key (``signing-key.pem``, created with mode 0600 on first use); every co
   error and exit status 1.
 * ``status`` prints the fleet: agent, profile, connected since, how many of its resources run the current
   version, and the last NACK with its message (``-v`` adds one line per resource).
-* ``keys`` prints the public key (base64 of the raw 32 bytes) to pin in agent bootstraps.
-* ``token``: not implemented yet (the bootstrap-token / CA flow comes with the identity work).
+* ``keys`` prints the public key (base64 of the raw 32 bytes) to pin in agent bootstraps; ``keys --ca``
+  prints the CA certificate (PEM, ``DATA/ca.pem``) agents trust for the control plane's TLS.
+* ``token --node ID [--ttl 1h]`` prints a one-time bootstrap token bound to that node id (stored hashed in
+  ``DATA/identity.sqlite``).
+* ``serve --tls`` serves mutual TLS with certificates of the control plane's CA (``DATA/ca-key.pem``,
+  created on first use); ``--enroll-listen ADDR`` adds the TLS port where agents enroll with a token
+  (written to ``DATA/enroll.port``). Without ``--tls`` (or with ``--insecure``) the stream is h2c.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -34,6 +40,9 @@ from microenvoy.xds import cose
 from controlplane_lite import __version__
 from controlplane_lite.store import Store
 from controlplane_lite.validate import describe
+
+if TYPE_CHECKING:
+    from controlplane_lite.identity import Enroller
 
 __all__ = ["load_or_create_key", "main", "render_status"]
 
@@ -141,10 +150,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     key = load_or_create_key(args.data)
     store = _open_store(args.data)
 
+    enroller = _enroller(args) if args.tls and not args.insecure else None
+
     async def serve() -> None:
-        cp = ControlPlane(store, key, directory=args.dir, poll_interval=args.poll_interval)
-        port = await cp.start(args.listen)
+        cp = ControlPlane(
+            store,
+            key,
+            directory=args.dir,
+            poll_interval=args.poll_interval,
+            enroller=enroller,
+            server_names=tuple(args.server_name),
+        )
+        port = await cp.start(args.listen, args.enroll_listen if enroller is not None else None)
         host = args.listen.rpartition(":")[0] or "127.0.0.1"
+        if enroller is not None:
+            _write_port(os.path.join(args.data, "enroll.port"), cp.enroll_port)
+            print(f"controlplane-lite: mutual TLS, CA {enroller.ca.path}", flush=True)
+            if cp.enroll_port:
+                ehost = args.enroll_listen.rpartition(":")[0] or "127.0.0.1"
+                print(f"controlplane-lite: enrollment on {ehost}:{cp.enroll_port}", flush=True)
         _write_port(os.path.join(args.data, "serve.port"), port)
         for e in cp.directory_errors:
             print(f"controlplane-lite: refused: {e}", file=sys.stderr)
@@ -165,6 +189,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         store.close()
+        if enroller is not None:
+            enroller.tokens.close()
     return 0
 
 
@@ -203,14 +229,58 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    if args.ca:
+        from controlplane_lite.ca import CertificateAuthority
+
+        ca = CertificateAuthority.load_or_create(args.data, now=time.time())
+        print(ca.ca_pem.decode("ascii"), end="")
+        print(f"controlplane-lite: CA certificate {ca.path}", file=sys.stderr)
+        return 0
     key = load_or_create_key(args.data)
     print(cose.encode_public_key(key.public_key()))
     return 0
 
 
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` -> seconds (argparse type)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    scale = units.get(text[-1:], 1.0)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90s, 15m, 1h, 7d)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be greater than 0")
+    return value
+
+
+def _enroller(args: argparse.Namespace) -> Enroller:
+    """The CA (created on first use) and the token store under ``--data``, as an ``Enroller``."""
+    from controlplane_lite.ca import CertificateAuthority
+    from controlplane_lite.identity import Enroller, TokenStore
+
+    ca = CertificateAuthority.load_or_create(
+        args.data, trust_domain=args.trust_domain, cert_ttl=args.cert_ttl, now=time.time()
+    )
+    return Enroller(ca, TokenStore(os.path.join(args.data, "identity.sqlite")))
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
-    print("controlplane-lite token: not implemented yet (bootstrap tokens come with the CA)", file=sys.stderr)
-    return 2
+    from controlplane_lite.identity import TokenStore
+
+    os.makedirs(args.data, exist_ok=True)
+    tokens = TokenStore(os.path.join(args.data, "identity.sqlite"))
+    try:
+        token = tokens.create(args.node, args.ttl)
+    except ValueError as exc:
+        print(f"controlplane-lite token: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        tokens.close()
+    print(token)
+    print(f"controlplane-lite: one-time token for node {args.node}, valid {args.ttl:g}s", file=sys.stderr)
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -232,6 +302,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--poll-interval", type=float, default=0.5, help="seconds between directory/store polls")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--tls", action="store_true", help="mutual TLS with the control plane's CA (node identity)"
+    )
+    s.add_argument("--insecure", action="store_true", help="plain h2c (the default; overrides --tls)")
+    s.add_argument("--enroll-listen", default=None, help="HOST:PORT of the enrollment port (with --tls)")
+    s.add_argument(
+        "--server-name", action="append", default=[], help="extra SAN of the server certificate (repeatable)"
+    )
+    s.add_argument(
+        "--trust-domain", default=None, help="SPIFFE trust domain of a new CA (default microenvoy)"
+    )
+    s.add_argument("--cert-ttl", type=_seconds, default=86400.0, help="agent certificate lifetime (24h)")
     s.set_defaults(func=_cmd_serve)
     pu = cmd("push", "validate and store the resources of YAML files")
     pu.add_argument("files", nargs="+", metavar="FILE")
@@ -239,10 +321,13 @@ def _parser() -> argparse.ArgumentParser:
     st = cmd("status", "show agents, their versions and NACKs")
     st.add_argument("-v", "--verbose", action="store_true", help="one line per agent and resource")
     st.set_defaults(func=_cmd_status)
-    cmd("keys", "print the resource signing public key (base64) for agent bootstraps").set_defaults(
-        func=_cmd_keys
-    )
-    cmd("token", "issue a one-time bootstrap token (not implemented yet)").set_defaults(func=_cmd_token)
+    ke = cmd("keys", "print the resource signing public key (base64) for agent bootstraps")
+    ke.add_argument("--ca", action="store_true", help="print the CA certificate (PEM) instead")
+    ke.set_defaults(func=_cmd_keys)
+    tk = cmd("token", "issue a one-time bootstrap token for an agent's first certificate")
+    tk.add_argument("--node", required=True, help="the agent's node id the token is bound to")
+    tk.add_argument("--ttl", type=_seconds, default=3600.0, help="validity (default 1h)")
+    tk.set_defaults(func=_cmd_token)
     return p
 
 

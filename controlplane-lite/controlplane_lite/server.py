@@ -11,6 +11,15 @@ metadata selects. A background task polls every ``poll_interval`` seconds: the r
 is validated and stored, or refused and logged) and the store's generation (a ``push`` from another
 process); when the store changed, the catalog is rebuilt and every stream is woken to send its delta.
 Sent/ACK/NACK events go to the store (``status`` reads them), NACK messages are logged.
+
+**Node identity** (with an ``Enroller``, ``serve --tls``): the xDS port serves TLS with a server certificate
+from the control plane's CA and *requires* a client certificate of that CA (mutual TLS at the TLS layer);
+the xDS stream additionally checks that the certificate's SPIFFE id names the node id of the first request
+(``UNAUTHENTICATED`` otherwise). ``/microenvoy.controlplane.v1.Identity/Enroll`` (``identity.py``) is served
+on both ports: on the xDS port it renews (the current certificate authenticates), on the optional
+*enrollment port* (TLS, no client certificate: grpcio can only require client certificates or not ask for
+them) a new agent trades its one-time bootstrap token for its first certificate. The xDS method on the
+enrollment port has no client certificate to check and is refused with ``UNAUTHENTICATED``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +46,16 @@ from microenvoy.xds.messages import (
 )
 
 from controlplane_lite.apply import apply_change, stored_specs
+from controlplane_lite.ca import CertificateAuthority
 from controlplane_lite.delta import Acked, DeltaStream, Event, Nacked, Resource, Sent, StaleNonce, select
+from controlplane_lite.identity import (
+    ENROLL_METHOD,
+    Enroller,
+    EnrollError,
+    decode_enroll_request,
+    encode_enroll_response,
+    peer_node_id,
+)
 from controlplane_lite.refs import cluster_refs
 from controlplane_lite.sources import DirectoryWatcher
 from controlplane_lite.store import Store
@@ -47,6 +66,7 @@ __all__ = ["SERVICE", "ControlPlane", "build_catalog"]
 log = logging.getLogger("controlplane_lite")
 
 SERVICE, _, METHOD = DELTA_ADS_METHOD.lstrip("/").partition("/")
+IDENTITY_SERVICE, _, ENROLL = ENROLL_METHOD.lstrip("/").partition("/")
 
 
 def _deserialize(data: bytes) -> DeltaRequest | XdsProtocolError:
@@ -86,6 +106,10 @@ class _Conn:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
     error: str = ""
+    code: Any = None
+    """The gRPC status the stream ends with when ``error`` is set (default INVALID_ARGUMENT)."""
+    identity: str | None = None
+    """The node id of the verified client certificate (mTLS), None on an insecure server."""
 
 
 class ControlPlane:
@@ -98,8 +122,18 @@ class ControlPlane:
         *,
         directory: str | None = None,
         poll_interval: float = 0.5,
+        enroller: Enroller | None = None,
+        server_names: tuple[str, ...] = (),
     ) -> None:
         self.store = store
+        self.enroller = enroller
+        """With an enroller the server runs mTLS (see the module docstring); None = h2c."""
+        self.server_names = server_names
+        """Extra SANs of the server certificate (host names/IPs agents dial) besides localhost/loopback."""
+        self.enroll_port = 0
+        """The bound enrollment port (TLS without client certificates), 0 if none."""
+        self.authenticated: dict[str, str] = {}
+        """node id -> SPIFFE id of the verified client certificate, for the connected agents."""
         self.signing_key = signing_key
         self.poll_interval = poll_interval
         self.watcher = DirectoryWatcher(directory) if directory else None
@@ -122,8 +156,15 @@ class ControlPlane:
         return len(self._conns)
 
     # -- life cycle --------------------------------------------------------------------------------
-    async def start(self, listen: str = "127.0.0.1:0") -> int:
-        """Load the directory, build the catalog, bind ``listen`` (port 0 = a free port) and serve."""
+    @property
+    def ca(self) -> CertificateAuthority | None:
+        return self.enroller.ca if self.enroller is not None else None
+
+    async def start(self, listen: str = "127.0.0.1:0", enroll_listen: str | None = None) -> int:
+        """Load the directory, build the catalog, bind ``listen`` (port 0 = a free port) and serve.
+
+        With an enroller, ``listen`` is mutual TLS and ``enroll_listen`` (if given) the TLS port where
+        agents enroll with a bootstrap token (``enroll_port`` after the start)."""
         self.store.reset_connections()
         if self.watcher is not None:
             self.watcher.current = stored_specs(self.store, "dir:")
@@ -139,7 +180,26 @@ class ControlPlane:
         )
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers((handler,))
-        self.port = self._server.add_insecure_port(listen)
+        if self.enroller is None:
+            self.port = self._server.add_insecure_port(listen)
+        else:
+            self._server.add_generic_rpc_handlers(
+                (
+                    grpc.method_handlers_generic_handler(
+                        IDENTITY_SERVICE, {ENROLL: grpc.unary_unary_rpc_method_handler(self._enroll)}
+                    ),
+                )
+            )
+            ca = self.enroller.ca
+            pair = ca.server_certificate(self.server_names, now=time.time())
+            mtls = grpc.ssl_server_credentials([pair], root_certificates=ca.ca_pem, require_client_auth=True)
+            self.port = self._server.add_secure_port(listen, mtls)
+            if enroll_listen is not None:
+                self.enroll_port = self._server.add_secure_port(
+                    enroll_listen, grpc.ssl_server_credentials([pair])
+                )
+                if not self.enroll_port:
+                    raise OSError(f"cannot bind {enroll_listen}")
         if not self.port:
             raise OSError(f"cannot bind {listen}")
         await self._server.start()
@@ -207,8 +267,34 @@ class ControlPlane:
                 log.exception("poll failed")
 
     # -- streams -----------------------------------------------------------------------------------
+    async def _enroll(self, data: bytes, context: Any) -> bytes:
+        """``Identity/Enroll``: a certificate for a token or for the current certificate (renewal)."""
+        assert self.enroller is not None
+        now = time.time()
+        peer: str | None = None
+        try:
+            peer = peer_node_id(self.enroller.ca, context.auth_context(), now)
+            request = decode_enroll_request(data)
+            response = self.enroller.enroll(request, peer, now=now)
+        except EnrollError as exc:
+            log.warning("enrollment from %s refused: %s", peer or context.peer(), exc.message)
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+            raise AssertionError("abort returned") from None  # pragma: no cover (abort raises)
+        how = "renewed" if "token" not in request else "enrolled"
+        log.info("agent %s %s: certificate valid until %s", request["node_id"], how,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(response["not_after"])))  # fmt: skip
+        return encode_enroll_response(response)
+
     async def _handle(self, request_iterator: AsyncIterator[Any], context: Any) -> None:
+        identity: str | None = None
+        if self.enroller is not None:
+            identity = peer_node_id(self.enroller.ca, context.auth_context(), time.time())
+            if identity is None:
+                log.warning("xDS stream from %s refused: no valid client certificate", context.peer())
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid client certificate is required")
+                return
         conn = _Conn(DeltaStream(nonce_prefix=secrets.token_hex(3) + "-"), str(context.peer()))
+        conn.identity = identity
         conn.stream.set_snapshot(select(self._catalog, {}), str(self._generation))
         self._conns.add(conn)
         loop = asyncio.get_running_loop()
@@ -230,11 +316,13 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             self._conns.discard(conn)
+            if conn.identity is not None and conn.node_id == conn.identity:
+                self.authenticated.pop(conn.node_id, None)
             if conn.node_id:
                 self.store.agent_disconnected(conn.node_id)
                 log.info("agent %s disconnected", conn.node_id)
         if conn.error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, conn.error)
+            await context.abort(conn.code or grpc.StatusCode.INVALID_ARGUMENT, conn.error)
 
     async def _read(self, conn: _Conn, context: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -251,13 +339,29 @@ class ControlPlane:
                     break
                 self._on_request(conn, msg, loop.time())
                 conn.wake.set()
+                if conn.error:
+                    break
         finally:
             conn.closed = True
             conn.wake.set()
 
     def _on_request(self, conn: _Conn, req: DeltaRequest, now: float) -> None:
+        if (
+            conn.identity is not None
+            and not conn.node_id
+            and (req.node is None or req.node.id != conn.identity)
+        ):
+            claimed = req.node.id if req.node is not None else "(no node)"
+            conn.error = f"the client certificate is for node {conn.identity!r}, not {claimed!r}"
+            conn.code = grpc.StatusCode.UNAUTHENTICATED
+            log.warning("xDS stream from %s refused: %s", conn.peer, conn.error)
+            return
         if req.node is not None and not conn.node_id:
             conn.node_id = req.node.id or f"unknown@{conn.peer}"
+            if conn.identity is not None:
+                self.authenticated[conn.node_id] = (
+                    self.enroller.ca.spiffe_id(conn.identity) if self.enroller else ""
+                )
             conn.metadata = dict(req.node.metadata)
             self.store.agent_connected(conn.node_id, req.node.cluster, conn.metadata)
             nacks: dict[str, dict[str, tuple[str, str]]] = {}
@@ -267,7 +371,11 @@ class ControlPlane:
             for type_url, by_name in nacks.items():
                 conn.stream.seed_nacks(type_url, by_name)
             conn.stream.set_snapshot(select(self._catalog, conn.metadata))
-            log.info("agent %s connected from %s", conn.node_id, conn.peer)
+            if conn.identity is not None:
+                log.info("agent %s connected from %s as %s", conn.node_id, conn.peer,
+                         self.authenticated.get(conn.node_id))  # fmt: skip
+            else:
+                log.info("agent %s connected from %s", conn.node_id, conn.peer)
         elif not conn.node_id:
             conn.node_id = f"unknown@{conn.peer}"
             self.store.agent_connected(conn.node_id, "", {})

@@ -69,9 +69,12 @@ def test_push_stores_valid_and_refuses_bad_files(tmp_path: Path, capsys: pytest.
         store.close()
 
 
-def test_token_is_a_placeholder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["token", "--data", str(tmp_path)]) == 2
-    assert "not implemented" in capsys.readouterr().err
+def test_token_prints_a_one_time_token(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["token", "--data", str(tmp_path), "--node", "n1", "--ttl", "15m"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip()) >= 40
+    assert "node n1, valid 900s" in out.err
+    assert main(["token", "--data", str(tmp_path), "--node", "bad id"]) == 2
 
 
 def test_status_table(store: Store) -> None:
