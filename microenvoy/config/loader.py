@@ -88,6 +88,7 @@ __all__ = [
     "parse_header_value_option",
     "parse_http2_options",
     "parse_regex",
+    "parse_resource",
     "parse_socket_address",
     "parse_string_matcher",
     "resolve_path",
@@ -192,6 +193,23 @@ def parse_bootstrap(doc: object, *, base_dir: str | None = None) -> Bootstrap:
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))  # an error reported twice is shown once
     return bootstrap
+
+
+def parse_resource(kind: str, doc: object, *, base_dir: str | None = None) -> Any:
+    """One ``Cluster`` or ``Listener`` (``kind``: ``cluster`` / ``listener``) parsed on its own, as it would
+    be inside ``static_resources``; raises ``ConfigError`` with paths relative to the resource. Cross checks
+    between resources are ``cross_check``'s (the control-plane client composes and checks the whole)."""
+    errors: list[str] = []
+    token = _base_dir.set(base_dir)
+    try:
+        r = Reader(doc, "", errors)
+        value: Any = _parse_cluster(r) if kind == "cluster" else _parse_listener(r)
+        r.finish()
+    finally:
+        _base_dir.reset(token)
+    if errors:
+        raise ConfigError([e.lstrip(".") for e in dict.fromkeys(errors)])
+    return value
 
 
 # ============================================================================================ file parsing

@@ -126,6 +126,9 @@ class Server:
         self.admin: AdminServer | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._built: dict[str, tuple[Listener, list[FilterChainRuntime]]] = {}
+        """Per listener: the config object its running fronts were built from (an update that keeps the
+        object, as the control-plane client does for unchanged listeners, keeps the fronts)."""
         self.static_doc: dict[str, Any] = bootstrap.raw
         """The bootstrap document as written (file or demo); dynamic resources are composed onto it."""
         self.xds: Any = None
@@ -225,6 +228,10 @@ class Server:
         errors: list[str] = []
         names = {lc.name: lc for lc in b.static_resources.listeners}
         for i, lc in enumerate(b.static_resources.listeners):
+            built = self._built.get(lc.name)
+            if built is not None and built[0] is lc:  # the very same config object: its fronts are still good
+                fronts[lc.name] = built[1]
+                continue
             if lc.address.protocol == "UDP" and lc.quic_options is not None and len(lc.filter_chains) > 1:
                 log.warning("listener %s: QUIC uses its first filter chain only", lc.name)
             chains: list[FilterChainRuntime] = []
@@ -365,6 +372,7 @@ class Server:
             lst.stats = ListenerStats(self.stats.scope(f"listener.{addr.address}_{lst.bound_port}."))
         self._lst[lc.name] = lst
         self._listener_configs[lc.name] = lc
+        self._built[lc.name] = (lc, chains)
 
     @staticmethod
     def _ssl_context(chain: FilterChain, hcm: HttpConnectionManager) -> Any:
@@ -422,6 +430,7 @@ class Server:
                 continue
             lst = self._lst.pop(name)
             self._listener_configs.pop(name)
+            self._built.pop(name, None)
             await lst.stop_accepting()
             lst.drain()
             asyncio.get_running_loop().call_later(old_cfg.drain_timeout, lst.close_all)
@@ -434,10 +443,13 @@ class Server:
                 except OSError as exc:
                     log.error("listener %s: cannot bind %s: %s", name, lc.address, exc)
                 continue
+            previous = self._listener_configs.get(name)
+            if previous is lc:  # unchanged (the control-plane client keeps unchanged objects)
+                continue
             chain = lc.filter_chains[0]
             if isinstance(existing, TcpListener):
                 existing.update(front, lc.max_connections)
-                if drain_changed and lc != self._listener_configs.get(name):
+                if drain_changed and lc != previous:
                     existing.drain_connections(lc.drain_timeout)
             elif front and front[0].coap is not None:
                 cast("CoapListener", existing).update(front[0].coap)
@@ -447,6 +459,7 @@ class Server:
                 quic = cast("QuicListener", existing)
                 quic.update(front[0].front, lc.quic_options, chain.transport_socket, lc.max_connections)
             self._listener_configs[name] = lc
+            self._built[name] = (lc, front)
         self.bootstrap = b
         self.reloads.inc()
         log.info("config reloaded: %d listeners, %d clusters", len(new), len(b.static_resources.clusters))
@@ -460,7 +473,7 @@ class Server:
             "configs": [
                 {
                     "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
-                    "bootstrap": redact(self.bootstrap.raw),
+                    "bootstrap": redact(self.xds.raw_doc() if self.xds is not None else self.bootstrap.raw),
                 }
             ]
         }

@@ -1823,7 +1823,7 @@ class ClusterManager:
         for c in clusters:
             current = self._clusters.get(c.name)
             warming = self._warming.get(c.name)
-            if current is not None and current.config == c:
+            if current is not None and (current.config is c or current.config == c):
                 new[c.name] = current
                 if warming is not None:  # back to the serving config: drop the one still warming
                     del self._warming[c.name]

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ from microenvoy.xds.messages import (
     decode_response,
     encode_request,
 )
-from microenvoy.xds.resources import CLUSTER, LISTENER, TYPES, Key, describe, references, validate
+from microenvoy.xds.resources import CLUSTER, LISTENER, TYPES, Key, Validator, Verdict, describe, references
 
 if TYPE_CHECKING:
     from microenvoy.config.xds import DynamicResources
@@ -67,6 +68,56 @@ class Applied:
     signature: bytes
 
 
+class _ResourcesView(Mapping[str, Mapping[str, Mapping[str, Any]]]):
+    """``type -> name -> resource`` over the applied set, without copying it (10,000 clusters)."""
+
+    def __init__(self, applied: dict[str, dict[str, Applied]]) -> None:
+        self._applied = applied
+
+    def __getitem__(self, type_url: str) -> Mapping[str, Mapping[str, Any]]:
+        return _TypeView(self._applied[type_url])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._applied)
+
+    def __len__(self) -> int:
+        return len(self._applied)
+
+
+class _TypeView(Mapping[str, Mapping[str, Any]]):
+    def __init__(self, items: dict[str, Applied]) -> None:
+        self._items = items
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        return self._items[name].resource
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _VersionsView(Mapping[Key, str]):
+    def __init__(self, applied: dict[str, dict[str, Applied]]) -> None:
+        self._applied = applied
+
+    def __getitem__(self, key: Key) -> str:
+        return self._applied[key[0]][key[1]].version
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and key[0] in self._applied and key[1] in self._applied[key[0]]
+
+    def __iter__(self) -> Iterator[Key]:
+        return ((t, n) for t, v in self._applied.items() for n in v)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._applied.values())
+
+
 class XdsSession:
     """See the module docstring."""
 
@@ -75,6 +126,7 @@ class XdsSession:
         self.config = config
         self.static_doc: dict[str, Any] = server.static_doc
         self.base_dir: str | None = None
+        self.validator = Validator(self.static_doc, base_dir=self.base_dir)
         b = server.bootstrap
         node = Node(
             id=b.node.id, cluster=b.node.cluster, metadata={**b.node.metadata, "agent_version": __version__}
@@ -164,11 +216,26 @@ class XdsSession:
     def recompose(self, b: Bootstrap) -> Bootstrap:
         """A new static bootstrap (SIGHUP) with the dynamic resources composed onto it (ConfigError if that
         is not valid)."""
-        verdict = validate(b.raw, self._resources())
+        validator = Validator(b.raw, base_dir=self.base_dir)
+        verdict = validator.validate(self._resources(), self._versions())
         if verdict.bootstrap is None:
             raise ConfigError([f"{describe(k)}: {why}" for k, why in verdict.rejected.items()])
         self.static_doc = b.raw
+        self.validator = validator
         return verdict.bootstrap
+
+    def _versions(self) -> dict[Key, str]:
+        return {(t, n): a.version for t, v in self.applied.items() for n, a in v.items()}
+
+    def _validate(self, changed: set[Key] | None = None) -> Verdict:
+        """Validate the applied set; ``changed``: the keys that differ since the last call (a delta)."""
+        return self.validator.validate(_ResourcesView(self.applied), _VersionsView(self.applied), changed)
+
+    def raw_doc(self) -> dict[str, Any]:
+        """The composed configuration as a document (``/config_dump``), built on demand."""
+        from microenvoy.xds.resources import compose
+
+        return compose(self.static_doc, self._resources()).doc
 
     # ------------------------------------------------------------------------------- the stream
     async def _run(self) -> None:
@@ -285,7 +352,8 @@ class XdsSession:
             for name in update.removed:
                 candidate.pop(name, None)
             self.applied[t] = candidate
-            verdict = validate(self.static_doc, self._resources())
+            changed = {(t, n) for n in incoming} | {(t, n) for n in update.removed}
+            verdict = self._validate(changed)
             for key, why in verdict.rejected.items():
                 if key[0] == t and key[1] in incoming:
                     rejected[key[1]] = why
@@ -294,7 +362,7 @@ class XdsSession:
                     else:
                         candidate.pop(key[1], None)
             if any(k[0] == t and k[1] in incoming for k in verdict.rejected):
-                verdict = validate(self.static_doc, self._resources())
+                verdict = self._validate(changed)
             applied_ok = False
             if verdict.bootstrap is not None and not verdict.rejected:
                 try:
@@ -305,6 +373,7 @@ class XdsSession:
                         rejected.setdefault(name, "; ".join(exc.errors))
             if not applied_ok:
                 self.applied[t] = previous
+                self._validate(changed)  # the validator's view follows the restored set
                 for name in incoming:
                     rejected.setdefault(
                         name,
@@ -362,7 +431,7 @@ class XdsSession:
                 if self.cache is not None:
                     with contextlib.suppress(OSError):
                         self.cache.remove(type_url, name)
-            verdict = validate(self.static_doc, self._resources())
+            verdict = self._validate()
             if verdict.bootstrap is not None:
                 await self.server.apply_config(verdict.bootstrap)
                 self.held = verdict.held
@@ -408,7 +477,7 @@ class XdsSession:
             self.applied.setdefault(item.type_url, {})[item.name] = Applied(
                 item.version, item.resource, item.signature
             )
-        verdict = validate(self.static_doc, self._resources())
+        verdict = self._validate()
         if verdict.bootstrap is None or verdict.rejected:
             log.error("xDS cache does not validate (%s): starting from static config", verdict.rejected)
             self.applied = {t: {} for t in TYPES}

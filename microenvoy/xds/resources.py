@@ -23,8 +23,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from microenvoy.config.loader import parse_bootstrap
-from microenvoy.config.model import Bootstrap
+from microenvoy.config.loader import cross_check, parse_bootstrap, parse_resource
+from microenvoy.config.model import Bootstrap, StaticResources
 from microenvoy.core.errors import ConfigError
 
 __all__ = [
@@ -35,8 +35,10 @@ __all__ = [
     "SECRET",
     "TYPES",
     "Composed",
+    "Validator",
     "Verdict",
     "compose",
+    "compose_one",
     "describe",
     "references",
     "validate",
@@ -86,58 +88,54 @@ def _strip(resource: Mapping[str, Any]) -> dict[str, Any]:
     return d
 
 
+def compose_one(
+    key: Key, resources: Resources, exclude: set[Key] | None = None
+) -> tuple[dict[str, Any] | None, set[Key], str]:
+    """One Cluster or Listener with its references inlined: ``(document, inlined resources, "")``, or
+    ``(None, ..., what it waits for)``."""
+    exclude = exclude or set()
+    type_url, name = key
+    used: set[Key] = set()
+    doc = _strip(resources[type_url][name])
+    if type_url == CLUSTER:
+        if doc.get("type") == "EDS":
+            eds = doc.pop("eds_cluster_config", None) or {}
+            service = eds.get("service_name") or doc.get("name") or name
+            if service not in resources.get(ENDPOINTS, {}) or (ENDPOINTS, service) in exclude:
+                return None, used, f"waits for ClusterLoadAssignment {service!r}"
+            doc["type"] = "STATIC"
+            cla = _strip(resources[ENDPOINTS][service])
+            cla.pop("cluster_name", None)
+            doc["load_assignment"] = {"cluster_name": doc.get("name", name), **cla}
+            used.add((ENDPOINTS, service))
+        missing = _inline_secrets(doc, resources, exclude, used)
+    else:
+        missing = _inline_routes(doc, resources, exclude, used) or _inline_secrets(
+            doc, resources, exclude, used
+        )
+    return (None, used, missing) if missing else (doc, used, "")
+
+
 def compose(static: Mapping[str, Any], resources: Resources, exclude: set[Key] | None = None) -> Composed:
     """The static bootstrap ``static`` plus ``resources`` (minus ``exclude``) as one bootstrap document."""
     exclude = exclude or set()
     doc = copy.deepcopy(dict(static))
     doc.pop("dynamic_resources", None)  # validated with the static part; not a resource
     sr = doc.setdefault("static_resources", {})
-    clusters: list[Any] = sr.setdefault("clusters", [])
-    listeners: list[Any] = sr.setdefault("listeners", [])
     out = Composed(doc)
-
-    def have(type_url: str, name: str) -> bool:
-        return name in resources.get(type_url, {}) and (type_url, name) not in exclude
-
-    for name, res in sorted(resources.get(CLUSTER, {}).items()):
-        key = (CLUSTER, name)
-        if key in exclude:
-            continue
-        c = _strip(res)
-        used: set[Key] = set()
-        if c.get("type") == "EDS":
-            eds = c.pop("eds_cluster_config", None) or {}
-            service = eds.get("service_name") or c.get("name") or name
-            if not have(ENDPOINTS, service):
-                out.held[key] = f"waits for ClusterLoadAssignment {service!r}"
+    for type_url, section in ((CLUSTER, "clusters"), (LISTENER, "listeners")):
+        items: list[Any] = sr.setdefault(section, [])
+        for name in sorted(resources.get(type_url, {})):
+            key = (type_url, name)
+            if key in exclude:
                 continue
-            c["type"] = "STATIC"
-            cla = _strip(resources[ENDPOINTS][service])
-            cla.pop("cluster_name", None)
-            c["load_assignment"] = {"cluster_name": c.get("name", name), **cla}
-            used.add((ENDPOINTS, service))
-        missing = _inline_secrets(c, resources, exclude, used)
-        if missing:
-            out.held[key] = missing
-            continue
-        out.paths[f"static_resources.clusters[{len(clusters)}]"] = key
-        out.used[key] = used
-        clusters.append(c)
-    for name, res in sorted(resources.get(LISTENER, {}).items()):
-        key = (LISTENER, name)
-        if key in exclude:
-            continue
-        li = _strip(res)
-        used = set()
-        missing = _inline_routes(li, resources, exclude, used) or _inline_secrets(
-            li, resources, exclude, used
-        )
-        if missing:
-            out.held[key] = missing
-            continue
-        out.paths[f"static_resources.listeners[{len(listeners)}]"] = key
-        out.used[key] = used
-        listeners.append(li)
+            one, used, missing = compose_one(key, resources, exclude)
+            if one is None:
+                out.held[key] = missing
+                continue
+            out.paths[f"static_resources.{section}[{len(items)}]"] = key
+            out.used[key] = used
+            items.append(one)
     return out
 
 
@@ -197,22 +195,172 @@ def _ref_name(ref: Any) -> Any:
     return ref.get("name") if isinstance(ref, dict) else ref
 
 
-def validate(static: Mapping[str, Any], resources: Resources, *, base_dir: str | None = None) -> Verdict:
-    """Compose and validate; resources whose own part of the document is invalid are rejected (with the
-    loader's messages), those that reference what is missing are held, and the rest is validated again
-    without them until the document is valid."""
-    verdict = Verdict(None)
-    exclude: set[Key] = set()
-    for _ in range(len(TYPES) * 4 + sum(len(v) for v in resources.values())):
-        composed = compose(static, resources, exclude)
-        held = dict(composed.held)
-        try:
-            verdict.bootstrap = parse_bootstrap(composed.doc, base_dir=base_dir)
-        except ConfigError as exc:
-            blamed = _blame(exc.errors, composed)
+class _Held:
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+class _Bad:
+    __slots__ = ("blame", "why")
+
+    def __init__(self, blame: Key, why: str) -> None:
+        self.blame = blame
+        self.why = why
+
+
+class Validator:
+    """Validation that is cheap for a small delta in a large configuration.
+
+    Each Cluster and Listener is parsed on its own (``parse_resource``) and the outcome is kept per
+    resource, keyed by its version and the versions of what was inlined into it; a delta re-parses only
+    what changed. The whole is then assembled into a ``Bootstrap`` with the static part (parsed once) and
+    checked with ``cross_check``; unchanged resources keep their parsed objects, so the server sees them as
+    identical (``is``) and leaves their runtimes alone.
+    """
+
+    def __init__(self, static: Mapping[str, Any], *, base_dir: str | None = None) -> None:
+        self.static_doc = static
+        self.base_dir = base_dir
+        self.base = parse_bootstrap(static, base_dir=base_dir)
+        self._cache: dict[Key, tuple[Any, Any]] = {}
+        self._deps: dict[tuple[Key, str], tuple[Key, ...]] = {}
+        self._primed = False
+        self._good: dict[str, dict[Key, Any]] = {CLUSTER: {}, LISTENER: {}}
+        """Clusters/Listeners that parsed, in arrival order (what the next bootstrap is made of)."""
+        self._held: dict[Key, str] = {}
+        self._bad: dict[Key, _Bad] = {}
+        self._rdeps: dict[Key, set[Key]] = {}
+        """Inlined resource -> the Clusters/Listeners inlining it (to look at again when it changes)."""
+
+    def __repr__(self) -> str:
+        return f"<Validator cached={len(self._cache)}>"
+
+    def _fingerprint(self, key: Key, resources: Resources, versions: Mapping[Key, str] | None) -> Any:
+        if versions is None or key not in versions:
+            return None
+        version = versions[key]
+        deps = self._deps.get((key, version))
+        if deps is None:
+            deps = tuple(sorted(_references_of(key[0], resources[key[0]][key[1]])))
+            self._deps[(key, version)] = deps
+        return (version, tuple((d, versions.get(d), d[1] in resources.get(d[0], {})) for d in deps))
+
+    def _outcome(self, key: Key, resources: Resources, versions: Mapping[Key, str] | None) -> Any:
+        fp = self._fingerprint(key, resources, versions)
+        hit = self._cache.get(key)
+        if fp is not None and hit is not None and hit[0] == fp:
+            return hit[1]
+        doc, used, missing = compose_one(key, resources)
+        outcome: Any
+        if doc is None:
+            outcome = _Held(missing)
+        else:
+            try:
+                value = parse_resource(
+                    "cluster" if key[0] == CLUSTER else "listener", doc, base_dir=self.base_dir
+                )
+                if key[0] == CLUSTER and getattr(value, "mqtt_broker", None) is not None:
+                    from microenvoy.config.mqtt_cluster import with_node_id
+
+                    value = with_node_id([value], self.base.node.id)[0]
+                outcome = value
+            except ConfigError as exc:
+                rest = "; ".join(exc.errors)
+                inner = next((u for u in used if _INLINED[u[0]] in rest), None)
+                outcome = _Bad(inner or key, rest)
+        if fp is not None:
+            self._cache[key] = (fp, outcome)
+        return outcome
+
+    def forget(self, keep: set[Key]) -> None:
+        """Drop cached outcomes of resources that are gone (bounded memory)."""
+        for key in [k for k in self._cache if k not in keep]:
+            del self._cache[key]
+        for dk in [d for d in self._deps if d[0] not in keep]:
+            del self._deps[dk]
+        for dep in [d for d in self._rdeps if d not in keep]:
+            del self._rdeps[dep]
+        for referrers in self._rdeps.values():
+            referrers.intersection_update(keep)
+
+    def _place(self, key: Key, outcome: Any) -> None:
+        for group in (self._good[CLUSTER], self._good[LISTENER], self._held, self._bad):
+            group.pop(key, None)
+        if isinstance(outcome, _Held):
+            self._held[key] = outcome.why
+        elif isinstance(outcome, _Bad):
+            self._bad[key] = outcome
+        else:
+            self._good[key[0]][key] = outcome
+
+    def validate(
+        self, resources: Resources, versions: Mapping[Key, str] | None = None, changed: set[Key] | None = None
+    ) -> Verdict:
+        """The verdict for ``resources`` (with ``versions``, parsed outcomes are reused). ``changed``: the
+        keys that differ from the previous call (added, replaced or removed, of any type); then only those
+        Clusters/Listeners and the ones that inline a changed resource are looked at again."""
+        if changed is None or not self._primed:
+            self._good = {CLUSTER: {}, LISTENER: {}}
+            self._held = {}
+            self._bad = {}
+            self._rdeps = {}
+            redo: set[Key] | list[Key] = [(t, n) for t in (CLUSTER, LISTENER) for n in resources.get(t, {})]
+            self._primed = True
+        else:
+            redo = {k for k in changed if k[0] in (CLUSTER, LISTENER)}
+            for k in changed:
+                redo |= self._rdeps.get(k, set())
+        for key in redo:
+            if key[1] not in resources.get(key[0], {}):
+                self._place(key, _Held(""))
+                self._held.pop(key, None)
+                continue
+            if changed is not None:
+                self._cache.pop(key, None)
+            outcome = self._outcome(key, resources, versions)
+            self._place(key, outcome)
+            version = versions.get(key) if versions is not None else None
+            deps = self._deps.get((key, version)) if version is not None else None
+            for dep in deps if deps is not None else _references_of(key[0], resources[key[0]][key[1]]):
+                self._rdeps.setdefault(dep, set()).add(key)
+        verdict = Verdict(None, held=dict(self._held))
+        for key, bad in self._bad.items():
+            verdict.rejected[bad.blame] = bad.why
+            if bad.blame != key:
+                verdict.held[key] = f"waits for a valid {describe(bad.blame)}"
+        excluded: set[Key] = set()
+        base = self.base.static_resources
+        for _ in range(len(self._good[LISTENER]) + len(self._good[CLUSTER]) + 1):
+            good_c = self._good[CLUSTER]
+            good_l = self._good[LISTENER]
+            if excluded:
+                clusters = tuple(v for k, v in good_c.items() if k not in excluded)
+                listeners = tuple(v for k, v in good_l.items() if k not in excluded)
+            else:
+                clusters, listeners = tuple(good_c.values()), tuple(good_l.values())
+            b = Bootstrap(
+                node=self.base.node,
+                admin=self.base.admin,
+                static_resources=StaticResources(
+                    listeners=base.listeners + listeners, clusters=base.clusters + clusters
+                ),
+                dynamic_resources=self.base.dynamic_resources,
+                raw={},
+            )
+            errors = cross_check(b)
+            if not errors:
+                verdict.bootstrap = b
+                return verdict
+            parsed = {
+                t: [(k, v) for k, v in self._good[t].items() if k not in excluded]
+                for t in (CLUSTER, LISTENER)
+            }
+            blamed = _blame_indexed(errors, len(base.listeners), len(base.clusters), parsed)
             if not blamed:  # the static part is broken: nothing dynamic can fix it
-                verdict.rejected.update({k: "; ".join(exc.errors) for k in _all_keys(resources) - exclude})
-                verdict.held.update(held)
+                for key in _all_keys(resources):
+                    verdict.rejected.setdefault(key, "; ".join(errors))
                 return verdict
             for key, messages in blamed.items():
                 unknown = [m for m in messages if "unknown cluster" in m]
@@ -220,29 +368,48 @@ def validate(static: Mapping[str, Any], resources: Resources, *, base_dir: str |
                     verdict.held[key] = "waits for " + unknown[0].split("unknown ", 1)[1]
                 else:
                     verdict.rejected[key] = "; ".join(messages)
-                exclude.add(key)
-            continue
-        verdict.held.update(held)
+                excluded.add(key)
         return verdict
-    return verdict
+
+
+def validate(static: Mapping[str, Any], resources: Resources, *, base_dir: str | None = None) -> Verdict:
+    """Validate ``resources`` composed onto ``static`` once (no cache): see ``Validator``."""
+    try:
+        validator = Validator(static, base_dir=base_dir)
+    except ConfigError as exc:
+        return Verdict(None, rejected={k: "; ".join(exc.errors) for k in _all_keys(resources)})
+    return validator.validate(resources)
+
+
+def _blame_indexed(
+    errors: list[str], n_listeners: int, n_clusters: int, parsed: Mapping[str, list[tuple[Key, Any]]]
+) -> dict[Key, list[str]]:
+    """Cross-check errors (``static_resources.listeners[i]...``) -> the dynamic resource at that index."""
+    blamed: dict[Key, list[str]] = {}
+    for err in errors:
+        for section, offset, type_url in (
+            ("listeners", n_listeners, LISTENER),
+            ("clusters", n_clusters, CLUSTER),
+        ):
+            prefix = f"static_resources.{section}["
+            if not err.startswith(prefix):
+                continue
+            index = int(err[len(prefix) : err.index("]", len(prefix))]) - offset
+            if 0 <= index < len(parsed[type_url]):
+                key = parsed[type_url][index][0]
+                rest = err[err.index("]", len(prefix)) + 1 :].lstrip(".")
+                blamed.setdefault(key, []).append(rest)
+            break
+    return blamed
+
+
+def _references_of(type_url: str, resource: Mapping[str, Any]) -> set[Key]:
+    one = references({type_url: {"x": resource}})
+    return {(t, n) for t, names in one.items() for n in names}
 
 
 def _all_keys(resources: Resources) -> set[Key]:
     return {(t, n) for t, names in resources.items() for n in names}
-
-
-def _blame(errors: list[str], composed: Composed) -> dict[Key, list[str]]:
-    """Loader errors -> the dynamic resource under whose path each one is (``Listener 'edge': ...``)."""
-    blamed: dict[Key, list[str]] = {}
-    for err in errors:
-        for prefix, key in composed.paths.items():
-            if err.startswith(prefix + ".") or err.startswith(prefix + ":"):
-                rest = err[len(prefix) :].lstrip(".")
-                # An error inside an inlined RouteConfiguration / ClusterLoadAssignment is that resource's.
-                inner = next((u for u in composed.used.get(key, ()) if _INLINED[u[0]] in rest), None)
-                blamed.setdefault(inner or key, []).append(rest)
-                break
-    return blamed
 
 
 _INLINED = {ROUTES: "route_config", ENDPOINTS: "load_assignment", SECRET: "tls_certificates"}

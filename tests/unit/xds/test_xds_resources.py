@@ -122,8 +122,47 @@ def test_error_inside_an_inlined_route_config_blames_the_route_config() -> None:
     }
     v = validate(STATIC, resources)
     assert list(v.rejected) == [(ROUTES, "r1")]
-    assert v.held == {(LISTENER, "edge"): "waits for RouteConfiguration 'r1'"}
+    assert v.held == {(LISTENER, "edge"): "waits for a valid RouteConfiguration 'r1'"}
 
 
 def test_describe() -> None:
     assert describe((CLUSTER, "api")) == "Cluster 'api'"
+
+
+def test_incremental_validation_matches_a_full_pass_and_reuses_objects() -> None:
+    from microenvoy.xds.resources import Validator
+
+    eds = {"@type": CLUSTER, "name": "e", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}}
+    ep = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9000}}}}
+    cla = {"@type": ENDPOINTS, "cluster_name": "e", "endpoints": [{"lb_endpoints": [ep]}]}
+    resources: dict[str, dict[str, Any]] = {
+        CLUSTER: {"api": cluster("api"), "e": eds, **{f"c{i}": cluster(f"c{i}") for i in range(20)}},
+        ENDPOINTS: {"e": cla},
+        LISTENER: {"edge": listener("edge", 10001)},
+    }
+    versions = {(t, n): "1" for t, names in resources.items() for n in names}
+    v = Validator(STATIC)
+    first = v.validate(resources, versions)
+    assert first.bootstrap is not None
+    before = {c.name: c for c in first.bootstrap.static_resources.clusters}
+    # A changed assignment re-parses the cluster that inlines it, and nothing else.
+    cla2 = {**cla, "endpoints": [{"lb_endpoints": [{**ep, "endpoint": {"address": {"socket_address": {
+        "address": "127.0.0.1", "port_value": 9001}}}}]}]}  # fmt: skip
+    resources[ENDPOINTS]["e"] = cla2
+    versions[(ENDPOINTS, "e")] = "2"
+    second = v.validate(resources, versions, {(ENDPOINTS, "e")})
+    assert second.bootstrap is not None
+    after = {c.name: c for c in second.bootstrap.static_resources.clusters}
+    assert after["e"].endpoints[0].address.port_value == 9001
+    assert all(after[n] is before[n] for n in before if n != "e")  # unchanged objects are the same objects
+    # A removed cluster: the listener routing to it is held, the same verdict a full pass gives.
+    del resources[CLUSTER]["api"]
+    third = v.validate(resources, versions, {(CLUSTER, "api")})
+    full = validate(STATIC, resources)
+    assert third.held == full.held
+    assert (LISTENER, "edge") in third.held
+    assert third.bootstrap is not None
+    assert full.bootstrap is not None
+    assert sorted(c.name for c in third.bootstrap.static_resources.clusters) == sorted(
+        c.name for c in full.bootstrap.static_resources.clusters
+    )
