@@ -1,20 +1,26 @@
-"""Command line: ``controlplane-lite serve | push | status | keys | token``.
+"""Command line: ``controlplane-lite serve | push | status | rollout | keys | token``.
 
 ``--data DIR`` (default ``./controlplane-data``) holds the SQLite store (``store.sqlite``) and the Ed25519
 signing key (``signing-key.pem``, created with mode 0600 on first use); every command takes it.
 
-* ``serve --dir DIR [--listen ADDR]`` serves the delta xDS stream (default ``127.0.0.1:18000``; port 0 picks
-  a free port), watches DIR and applies every valid change; prints ``serving on HOST:PORT`` and writes the
-  port to ``DATA/serve.port``.
+* ``serve --dir DIR [--listen ADDR] [--api ADDR]`` serves the delta xDS stream (default
+  ``127.0.0.1:18000``; port 0 picks a free port), watches DIR and applies every valid change; prints
+  ``serving on HOST:PORT`` and writes the port to ``DATA/serve.port``. It also serves the REST API
+  (``rest.py``; default ``127.0.0.1:0``, ``--api off`` disables it), prints ``api on HOST:PORT`` and writes
+  the port to ``DATA/api.port``.
 * ``push FILE`` validates the file's resources against the stored set and stores them; a running ``serve``
   sees the change within its poll interval and pushes it. A bad file is refused with the place of every
   error and exit status 1.
 * ``status`` prints the fleet: agent, profile, connected since, how many of its resources run the current
-  version, and the last NACK with its message (``-v`` adds one line per resource).
+  version, and the last NACK with its message (``-v`` adds one line per resource); then every rollout:
+  resource, version, stage, ACK/NACK counts, state and why.
+* ``rollout list`` prints the rollouts table; ``rollout promote ID|[TYPE/]NAME [--force]`` sends a running
+  rollout's version to everyone (``--force``: a halted one too).
 * ``keys`` prints the public key (base64 of the raw 32 bytes) to pin in agent bootstraps; ``keys --ca``
   prints the CA certificate (PEM, ``DATA/ca.pem``) agents trust for the control plane's TLS.
 * ``token --node ID [--ttl 1h]`` prints a one-time bootstrap token bound to that node id (stored hashed in
-  ``DATA/identity.sqlite``).
+  ``DATA/identity.sqlite``); ``token --api`` prints the REST API bearer token (``DATA/api-token``, generated
+  on first use).
 * ``serve --tls`` serves mutual TLS with certificates of the control plane's CA (``DATA/ca-key.pem``,
   created on first use); ``--enroll-listen ADDR`` adds the TLS port where agents enroll with a token
   (written to ``DATA/enroll.port``). Without ``--tls`` (or with ``--insecure``) the stream is h2c.
@@ -49,6 +55,7 @@ __all__ = ["load_or_create_key", "main", "render_status"]
 LOG_FORMAT = "[%(asctime)s.%(msecs)03d][%(levelname)s][%(name)s] %(message)s"
 DEFAULT_DATA = "controlplane-data"
 DEFAULT_LISTEN = "127.0.0.1:18000"
+DEFAULT_API = "127.0.0.1:0"
 
 
 def load_or_create_key(data_dir: str) -> Ed25519PrivateKey:
@@ -89,6 +96,30 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def render_rollouts(store: Store) -> str:
+    """The rollouts table (empty string when there is none)."""
+    from controlplane_lite.rollout import progress
+
+    rows = [["ROLLOUT", "RESOURCE", "VERSION", "STAGE", "ACKED", "NACKED", "STATE", "REASON"]]
+    for p in progress(store):
+        ro = p.rollout
+        stage_acked = sum(1 for n in p.stage if n in p.acked)
+        acked = f"{stage_acked}/{len(p.stage)} stage" if ro.active else f"{len(p.acked)}/{p.matching}"
+        rows.append(
+            [
+                str(ro.id),
+                describe((ro.type_url, ro.name)),
+                ro.version,
+                p.stage_label,
+                acked,
+                str(len(p.nacked)),
+                ro.state,
+                ro.reason or "-",
+            ]
+        )
+    return _table(rows) if len(rows) > 1 else ""
+
+
 def render_status(store: Store, *, verbose: bool = False) -> str:
     """The fleet table ``status`` prints (and the rollouts, if any)."""
     current = {(r.type_url, r.name): r.version for r in store.resources()}
@@ -121,13 +152,9 @@ def render_status(store: Store, *, verbose: bool = False) -> str:
     out = _table(rows) if len(rows) > 1 else "no agents yet"
     if details:
         out += "\n\n" + "\n".join(details)
-    rollouts = store.rollouts()
+    rollouts = render_rollouts(store)
     if rollouts:
-        rrows = [["ROLLOUT", "RESOURCE", "VERSION", "PERCENT", "STATE", "REASON"]]
-        for ro in rollouts:
-            what = describe((ro.type_url, ro.name))
-            rrows.append([str(ro.id), what, ro.version, f"{ro.percent}%", ro.state, ro.reason or "-"])
-        out += "\n\n" + _table(rrows)
+        out += "\n\n" + rollouts
     return out
 
 
@@ -153,6 +180,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     enroller = _enroller(args) if args.tls and not args.insecure else None
 
     async def serve() -> None:
+        from controlplane_lite.rest import RestApi, load_or_create_api_token
+
         cp = ControlPlane(
             store,
             key,
@@ -174,6 +203,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"controlplane-lite: refused: {e}", file=sys.stderr)
         print(f"controlplane-lite: serving on {host}:{port}", flush=True)
         print(f"controlplane-lite: public key {cose.encode_public_key(key.public_key())}", flush=True)
+        api: RestApi | None = None
+        if args.api != "off":
+            api = RestApi(store, load_or_create_api_token(args.data), on_change=cp.refresh)
+            api_port = await api.start(args.api)
+            _write_port(os.path.join(args.data, "api.port"), api_port)
+            api_host = args.api.rpartition(":")[0] or "127.0.0.1"
+            print(f"controlplane-lite: api on {api_host}:{api_port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -181,6 +217,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         try:
             await stop.wait()
         finally:
+            if api is not None:
+                await api.stop()
             await cp.stop(1.0)
 
     try:
@@ -267,6 +305,14 @@ def _enroller(args: argparse.Namespace) -> Enroller:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
+    if args.api:
+        from controlplane_lite.rest import load_or_create_api_token
+
+        print(load_or_create_api_token(args.data))
+        return 0
+    if not args.node:
+        print("controlplane-lite token: --node ID (a bootstrap token) or --api is required", file=sys.stderr)
+        return 2
     from controlplane_lite.identity import TokenStore
 
     os.makedirs(args.data, exist_ok=True)
@@ -281,6 +327,29 @@ def _cmd_token(args: argparse.Namespace) -> int:
     print(token)
     print(f"controlplane-lite: one-time token for node {args.node}, valid {args.ttl:g}s", file=sys.stderr)
     return 0
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from controlplane_lite.rollout import find_rollout
+
+    store = _open_store(args.data)
+    try:
+        if args.action == "list":
+            print(render_rollouts(store) or "no rollouts")
+            return 0
+        if not args.ref:
+            print("controlplane-lite rollout promote: say which rollout (ID or [TYPE/]NAME)", file=sys.stderr)
+            return 2
+        try:
+            ro = find_rollout(store, args.ref)
+            done = store.promote_rollout(ro.id, force=args.force)
+        except (LookupError, ValueError) as exc:
+            print(f"controlplane-lite: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+            return 1
+        print(f"rollout {done.id} of {describe((done.type_url, done.name))} version {done.version}: complete")
+        return 0
+    finally:
+        store.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -301,6 +370,9 @@ def _parser() -> argparse.ArgumentParser:
         "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN}; port 0 = free)"
     )
     s.add_argument("--poll-interval", type=float, default=0.5, help="seconds between directory/store polls")
+    s.add_argument(
+        "--api", default=DEFAULT_API, help=f"REST API HOST:PORT (default {DEFAULT_API}; 'off' disables it)"
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument(
         "--tls", action="store_true", help="mutual TLS with the control plane's CA (node identity)"
@@ -325,9 +397,15 @@ def _parser() -> argparse.ArgumentParser:
     ke.add_argument("--ca", action="store_true", help="print the CA certificate (PEM) instead")
     ke.set_defaults(func=_cmd_keys)
     tk = cmd("token", "issue a one-time bootstrap token for an agent's first certificate")
-    tk.add_argument("--node", required=True, help="the agent's node id the token is bound to")
+    tk.add_argument("--node", help="the agent's node id the token is bound to")
+    tk.add_argument("--api", action="store_true", help="print the REST API bearer token instead")
     tk.add_argument("--ttl", type=_seconds, default=3600.0, help="validity (default 1h)")
     tk.set_defaults(func=_cmd_token)
+    ro = cmd("rollout", "list staged rollouts, or promote one to every agent")
+    ro.add_argument("action", choices=["list", "promote"])
+    ro.add_argument("ref", nargs="?", help="rollout id, or the resource as NAME or TYPE/NAME")
+    ro.add_argument("--force", action="store_true", help="promote a halted rollout too")
+    ro.set_defaults(func=_cmd_rollout)
     return p
 
 
