@@ -1817,12 +1817,18 @@ class ClusterManager:
     def update(self, clusters: Sequence[Cluster]) -> None:
         """Apply a new cluster list: equal configs keep their runtime; others are replaced or drained."""
         new: dict[str, UpstreamCluster] = {}
-        names = {c.name for c in clusters}
-        for name in [n for n in self._warming if n not in names]:
-            self._warming.pop(name).close()
+        serving = self._clusters
+        warming_all = self._warming
+        if warming_all:
+            names = {c.name for c in clusters}
+            for name in [n for n in warming_all if n not in names]:
+                warming_all.pop(name).close()
         for c in clusters:
-            current = self._clusters.get(c.name)
-            warming = self._warming.get(c.name)
+            current = serving.get(c.name)
+            if current is not None and current.config is c and c.name not in warming_all:
+                new[c.name] = current  # the very same config object (a control-plane delta left it alone)
+                continue
+            warming = warming_all.get(c.name)
             if current is not None and (current.config is c or current.config == c):
                 new[c.name] = current
                 if warming is not None:  # back to the serving config: drop the one still warming
