@@ -18,7 +18,7 @@ document is ``400`` with every error and its path, and nothing is pushed. Resour
 directory belong to it: changing them here is ``409``. A DELETE that would leave a dangling reference is
 ``409`` with the errors. Responses are JSON; errors are ``{"error": "...", "errors": [...]}``.
 
-The server is a small asyncio HTTP/1.1 server on ``h11``: keep-alive, request heads bounded to 16 KiB and
+The server is a small asyncio HTTP/1.1 server on ``h11``: keep-alive, request heads bounded to 16 KiB (431 beyond, checked per 8 KiB read) and
 bodies to ``max_body`` (413 beyond), an idle timeout per connection. ``RestApi.dispatch`` is the whole
 request handling without I/O (the tests call it directly). After a change it calls ``on_change`` (``serve``
 passes the gRPC server's refresh, so agents get the delta at once).
@@ -56,6 +56,8 @@ MAX_BODY = 1 << 20
 """Default request body limit (bytes)."""
 MAX_HEAD = 16 * 1024
 IDLE_TIMEOUT = 30.0
+_READ_SIZE = 8192
+"""Small reads keep h11's head limit effective (it bounds only what is still incomplete)."""
 
 
 def load_or_create_api_token(data_dir: str) -> str:
@@ -359,7 +361,7 @@ class RestApi:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await asyncio.wait_for(reader.read(65536), self.idle_timeout)
+            data = await asyncio.wait_for(reader.read(_READ_SIZE), self.idle_timeout)
             conn.receive_data(data)
 
     async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, resp: ApiResponse) -> None:
