@@ -18,10 +18,10 @@ document is ``400`` with every error and its path, and nothing is pushed. Resour
 directory belong to it: changing them here is ``409``. A DELETE that would leave a dangling reference is
 ``409`` with the errors. Responses are JSON; errors are ``{"error": "...", "errors": [...]}``.
 
-The server is a small asyncio HTTP/1.1 server on ``h11``: keep-alive, request heads bounded to 16 KiB (431 beyond, checked per 8 KiB read) and
-bodies to ``max_body`` (413 beyond), an idle timeout per connection. ``RestApi.dispatch`` is the whole
-request handling without I/O (the tests call it directly). After a change it calls ``on_change`` (``serve``
-passes the gRPC server's refresh, so agents get the delta at once).
+The server is a small asyncio HTTP/1.1 server on ``h11``: keep-alive, request heads bounded to about 16 KiB
+(431 beyond; checked per 8 KiB read), bodies to ``max_body`` (413 beyond), an idle timeout per connection.
+``RestApi.dispatch`` is the whole request handling without I/O (the tests call it directly). After a change
+it calls ``on_change`` (``serve`` passes the gRPC server's refresh, so agents get the delta at once).
 """
 
 from __future__ import annotations
