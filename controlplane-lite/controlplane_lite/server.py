@@ -36,7 +36,6 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from microenvoy.core.errors import ConfigError
-from microenvoy.xds import cose
 from microenvoy.xds.messages import (
     DELTA_ADS_METHOD,
     DeltaRequest,
@@ -56,10 +55,9 @@ from controlplane_lite.identity import (
     encode_enroll_response,
     peer_node_id,
 )
-from controlplane_lite.refs import cluster_refs
+from controlplane_lite.rollout import build_catalog  # signed, with staged rollouts (re-exported)
 from controlplane_lite.sources import DirectoryWatcher
 from controlplane_lite.store import Store
-from controlplane_lite.versions import LISTENER, ROUTE
 
 __all__ = ["SERVICE", "ControlPlane", "build_catalog"]
 
@@ -75,24 +73,6 @@ def _deserialize(data: bytes) -> DeltaRequest | XdsProtocolError:
         return decode_request(data)
     except XdsProtocolError as exc:
         return exc
-
-
-def build_catalog(
-    store: Store, key: Ed25519PrivateKey, cache: dict[tuple[str, str, str], bytes] | None = None
-) -> dict[str, dict[str, Resource]]:
-    """Every stored resource, signed (``cache`` keeps signatures per (type, name, version))."""
-    cache = {} if cache is None else cache
-    out: dict[str, dict[str, Resource]] = {}
-    for r in store.resources():
-        k = (r.type_url, r.name, r.version)
-        sig = cache.get(k)
-        if sig is None:
-            sig = cache[k] = cose.sign_resource(key, r.type_url, r.name, r.version, r.resource)
-        refs = frozenset(cluster_refs(r.resource)) if r.type_url in (LISTENER, ROUTE) else frozenset()
-        out.setdefault(r.type_url, {})[r.name] = Resource(
-            r.type_url, r.name, r.version, r.resource, sig, r.ttl, refs, r.selector
-        )
-    return out
 
 
 @dataclass(slots=True, eq=False)
@@ -253,7 +233,7 @@ class ControlPlane:
         for k in [k for k in self._signatures if k not in live]:
             del self._signatures[k]
         for conn in self._conns:
-            conn.stream.set_snapshot(select(self._catalog, conn.metadata), str(gen))
+            conn.stream.set_snapshot(select(self._catalog, conn.metadata, conn.node_id), str(gen))
             conn.wake.set()
         return True
 
@@ -370,7 +350,7 @@ class ControlPlane:
                     nacks.setdefault(row.type_url, {})[row.name] = (row.nack_version, row.nack_message or "")
             for type_url, by_name in nacks.items():
                 conn.stream.seed_nacks(type_url, by_name)
-            conn.stream.set_snapshot(select(self._catalog, conn.metadata))
+            conn.stream.set_snapshot(select(self._catalog, conn.metadata, conn.node_id))
             if conn.identity is not None:
                 log.info("agent %s connected from %s as %s", conn.node_id, conn.peer,
                          self.authenticated.get(conn.node_id))  # fmt: skip
