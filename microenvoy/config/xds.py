@@ -14,6 +14,12 @@ Envoy's field names, plus microenvoy's own block (⚑ in docs/control-plane.md):
       microenvoy:
         trusted_keys: ["<base64 Ed25519 public key>"]   # resources must be signed by one of these
         cache_dir: /var/lib/microenvoy/xds               # the offline-first cache (last applied config)
+        identity:                                        # node identity: mTLS to the control plane
+          dir: /var/lib/microenvoy/identity              # key + certificate (written by the agent)
+          bootstrap_token_file: /etc/microenvoy/token    # one-time token for the first certificate
+          enrollment_cluster: xds_enroll                 # the CP's enrollment port (TLS, no client cert)
+          ca_file: /etc/microenvoy/cp-ca.pem             # the issued certificate must chain to it
+          renew_before: 28800s                           # renew this long before expiry (8 h)
 
 The runtime is ``microenvoy.io.xds``; the protocol is in docs/control-plane.md.
 """
@@ -24,9 +30,28 @@ from dataclasses import dataclass
 
 from microenvoy.config.reader import Reader
 
-__all__ = ["DynamicResources", "parse_dynamic_resources"]
+__all__ = ["DynamicResources", "IdentityConfig", "parse_dynamic_resources", "parse_identity"]
 
 _DEFAULT_FETCH_TIMEOUT = 15.0
+_DEFAULT_RENEW_BEFORE = 8 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """``dynamic_resources.microenvoy.identity``: the agent's certificate from the control plane's CA
+    (``microenvoy.io.xds_identity``); the xDS clusters present it as their client certificate."""
+
+    dir: str
+    """Directory of ``identity.pem`` (key + certificate, 0600), ``cert.pem`` and ``ca.pem``."""
+    bootstrap_token_file: str | None = None
+    """File holding the one-time bootstrap token (``controlplane-lite token``) for the first certificate."""
+    enrollment_cluster: str = ""
+    """Static cluster (TLS, HTTP/2, no client certificate) of the control plane's enrollment port; default:
+    the first xDS cluster (only works with a control plane that does not require client certificates)."""
+    ca_file: str | None = None
+    """The control plane's CA (PEM): an issued certificate that does not chain to it is refused."""
+    renew_before: float = _DEFAULT_RENEW_BEFORE
+    """Renew this long before the certificate expires (at most half its lifetime); default 8 h."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +72,8 @@ class DynamicResources:
     """Directory of the offline-first cache; None = no cache (the agent starts from static config)."""
     authority: str = ""
     """``:authority`` of the xDS stream (default: the cluster's name)."""
+    identity: IdentityConfig | None = None
+    """Node identity (``microenvoy.identity``); None = the xDS clusters' TLS config as written."""
 
 
 def parse_dynamic_resources(r: Reader) -> DynamicResources:
@@ -80,6 +107,7 @@ def parse_dynamic_resources(r: Reader) -> DynamicResources:
     require = True
     cache_dir: str | None = None
     authority = ""
+    identity: IdentityConfig | None = None
     m = r.mapping("microenvoy")
     if m is not None:
         keys = m.strings("trusted_keys")
@@ -90,6 +118,7 @@ def parse_dynamic_resources(r: Reader) -> DynamicResources:
         require = m.boolean("require_signatures", True)
         cache_dir = m.string("cache_dir", "") or None
         authority = m.string("authority", "")
+        identity = m.object("identity", parse_identity)
         m.finish()
     if require and not keys:
         r.error(
@@ -104,6 +133,28 @@ def parse_dynamic_resources(r: Reader) -> DynamicResources:
         require_signatures=require,
         cache_dir=cache_dir,
         authority=authority,
+        identity=identity,
+    )
+
+
+def parse_identity(r: Reader) -> IdentityConfig:
+    """``microenvoy.identity`` (relative paths are anchored at the config file's directory)."""
+    from microenvoy.config.loader import resolve_path
+
+    directory = r.string("dir", required=True)
+    token = r.string("bootstrap_token_file", "") or None
+    ca = r.string("ca_file", "") or None
+    renew = r.duration("renew_before", _DEFAULT_RENEW_BEFORE)
+    if renew is not None and renew <= 0:
+        r.error("must be greater than 0", "renew_before")
+    enrollment = r.string("enrollment_cluster", "")
+    r.finish()
+    return IdentityConfig(
+        dir=resolve_path(directory) if directory else "",
+        bootstrap_token_file=resolve_path(token) if token else None,
+        enrollment_cluster=enrollment,
+        ca_file=resolve_path(ca) if ca else None,
+        renew_before=renew if renew is not None and renew > 0 else _DEFAULT_RENEW_BEFORE,
     )
 
 

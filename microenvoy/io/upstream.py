@@ -1301,6 +1301,9 @@ class UpstreamCluster:
         self._old_pools: list[_HostPool] = []
         self._rq_active = 0
         self._ssl: ssl.SSLContext | None = None
+        self.client_certificate: str | None = None
+        """A PEM file (certificate chain + key) loaded on top of the configured TLS context: the node
+        identity (``io/xds_identity``) of the xDS clusters; changed with ``reload_tls``."""
         self.draining = False
         # Circuit breakers (DEFAULT priority: routes have no other).
         self.thresholds = next((t for t in config.circuit_breakers if t.priority == "DEFAULT"), Thresholds())
@@ -1433,8 +1436,22 @@ class UpstreamCluster:
             tls_cfg = self.config.transport_socket
             assert tls_cfg is not None
             alpn = ["h2"] if self.config.upstream_protocol == "HTTP2" else ["http/1.1"]
-            self._ssl = _tls.client_context(tls_cfg, alpn)
+            ctx = _tls.client_context(tls_cfg, alpn)
+            if self.client_certificate is not None:
+                ctx.load_cert_chain(self.client_certificate)
+            self._ssl = ctx
         return self._ssl
+
+    def reload_tls(self, client_certificate: str | None) -> None:
+        """New connections use ``client_certificate`` (read again at the next connect); pooled connections
+        drain (streams in flight finish on them)."""
+        self.client_certificate = client_certificate
+        self._ssl = None
+        for host, pool in list(self._pools.items()):
+            pool.drain()
+            del self._pools[host]
+            if pool.connection_count:
+                self._old_pools.append(pool)
 
     # -- streams ---------------------------------------------------------------------------------
     async def open_stream(self, host: Host, headers: Headers, *, end_stream: bool) -> UpstreamStream:

@@ -160,6 +160,8 @@ class XdsSession:
         self._task: asyncio.Task[None] | None = None
         self._ttl_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.identity: Any = None
+        """``microenvoy.io.xds_identity.XdsIdentity`` with ``microenvoy.identity`` (mTLS node identity)."""
 
     def __repr__(self) -> str:
         n = sum(len(v) for v in self.applied.values())
@@ -170,6 +172,14 @@ class XdsSession:
         """Start the stream; return after the first update is applied, or after ``initial_fetch_timeout``
         (then from the cache, if there is one)."""
         loop = asyncio.get_running_loop()
+        cfg = self.config
+        if cfg.identity is not None:
+            from microenvoy.io.xds_identity import XdsIdentity
+
+            self.identity = XdsIdentity(
+                self.server, cfg.identity, xds_clusters=cfg.xds_clusters, authority=cfg.authority
+            )
+            await self.identity.start()  # loads a stored certificate; enrolls/renews in the background
         self._task = loop.create_task(self._run())
         self._ttl_task = loop.create_task(self._ttl_loop())
         timeout = self.config.initial_fetch_timeout
@@ -187,6 +197,8 @@ class XdsSession:
             )
 
     async def close(self) -> None:
+        if self.identity is not None:
+            await self.identity.close()
         for task in (self._task, self._ttl_task):
             if task is not None:
                 task.cancel()
@@ -273,6 +285,9 @@ class XdsSession:
                 (b"te", b"trailers"),
             ]
         )
+        if self.identity is not None:  # the stream runs over mTLS with the node's certificate
+            await self.identity.ready()
+            self.identity.attach(cluster)
         stream = await cluster.open_stream(host, headers, end_stream=False)
         try:
             for req in self.client.on_connected(time.monotonic()):
