@@ -242,6 +242,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
         for path in args.files:
             specs.extend(load_file(path, path, f"push:{path}"))
         change = apply_change(store, specs, source="push")
+        active = store.active_rollouts()
     except ConfigError as exc:
         for e in exc.errors:
             print(f"controlplane-lite: refused: {e}", file=sys.stderr)
@@ -250,7 +251,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
     finally:
         store.close()
     for key, spec in sorted(change.upserts.items()):
-        print(f"stored {describe(key)} version {spec.version}")
+        ro = active.get(key)
+        staged = ""
+        if ro is not None and ro.version == spec.version:
+            staged = f" (rollout {ro.id}: first {ro.percent}% of the matching agents)"
+        print(f"stored {describe(key)} version {spec.version}{staged}")
     unchanged = len(specs) - len(change.upserts)
     if unchanged:
         print(f"{unchanged} unchanged")

@@ -4,6 +4,7 @@ delta stream an agent sees (no sockets)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -313,3 +314,28 @@ def test_stream_events_drive_the_rollout(store: Store) -> None:
     store.record_events(inside, rows)
     assert store.rollouts()[0].state == "halted"
     assert not any(isinstance(e, Acked) for e in events)
+
+
+def test_push_of_a_staged_change_and_the_rollout_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controlplane_lite.cli import main
+
+    data = str(tmp_path / "data")
+    f = tmp_path / "api.yaml"
+    f.write_text("type: cluster\nresource: {name: api, connect_timeout: 1s}\n")
+    assert main(["push", "--data", data, str(f)]) == 0
+    f.write_text("type: cluster\nrollout: {percent: 20}\nresource: {name: api, connect_timeout: 2s}\n")
+    assert main(["push", "--data", data, str(f)]) == 0
+    assert "(rollout 1: first 20% of the matching agents)" in capsys.readouterr().out
+    assert main(["rollout", "list", "--data", data]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["ROLLOUT", "RESOURCE", "VERSION", "STAGE", "ACKED", "NACKED",
+                                           "STATE", "REASON"]  # fmt: skip
+    assert "first 20% (0 agents)" in out
+    assert main(["rollout", "promote", "--data", data]) == 2
+    assert main(["rollout", "promote", "listener/api", "--data", data]) == 1
+    assert "no rollout of 'listener/api'" in capsys.readouterr().err
+    assert main(["rollout", "promote", "1", "--data", data]) == 0
+    assert main(["rollout", "promote", "1", "--data", data]) == 1
+    assert "rollout 1 is complete" in capsys.readouterr().err
