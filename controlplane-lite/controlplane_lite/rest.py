@@ -35,6 +35,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -56,6 +57,7 @@ MAX_BODY = 1 << 20
 """Default request body limit (bytes)."""
 MAX_HEAD = 16 * 1024
 IDLE_TIMEOUT = 30.0
+_KNOWN = frozenset(s.value for s in HTTPStatus)
 _READ_SIZE = 8192
 """Small reads keep h11's head limit effective (it bounds only what is still incomplete)."""
 
@@ -372,7 +374,8 @@ class RestApi:
             ("cache-control", "no-store"),
             *resp.headers,
         ]
-        writer.write(conn.send(h11.Response(status_code=resp.status, headers=headers)) or b"")
+        reason = HTTPStatus(resp.status).phrase.encode() if resp.status in _KNOWN else b""
+        writer.write(conn.send(h11.Response(status_code=resp.status, headers=headers, reason=reason)) or b"")
         writer.write(conn.send(h11.Data(data=data)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await writer.drain()

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,7 @@ async def exchange(port: int, raw: bytes, responses: int = 1) -> list[tuple[int,
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             lines = head.decode().split("\r\n")
             status = int(lines[0].split()[1])
+            assert lines[0] == f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"
             headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
             body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5.0)
             out.append((status, headers, json.loads(body)))
