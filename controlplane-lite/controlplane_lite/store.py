@@ -404,7 +404,7 @@ class Store:
                 "last_seen = excluded.last_seen",
                 (node_id, cluster, meta, now, now),
             )
-            self._advance_rollouts(db, [])
+            self._advance_rollouts(db, None)
 
     def agent_disconnected(self, node_id: str) -> None:
         now = self._clock()
@@ -415,7 +415,7 @@ class Store:
                 "WHERE node_id = ?",
                 (now, node_id),
             )
-            self._advance_rollouts(db, [])
+            self._advance_rollouts(db, None)
 
     def agent_seen(self, node_id: str) -> None:
         with self._tx() as db:
@@ -462,17 +462,24 @@ class Store:
                     (*values, node_id, type_url, name),
                 )
             db.execute("UPDATE agents SET last_seen = ? WHERE node_id = ?", (now, node_id))
-            self._advance_rollouts(db, [(node_id, *r) for r in rows if r[0] in ("acked", "nacked")])
+            answers = [(node_id, *r) for r in rows if r[0] in ("acked", "nacked")]
+            if answers:
+                self._advance_rollouts(db, answers)
 
     def _advance_rollouts(
-        self, db: sqlite3.Connection, answers: list[tuple[str, str, str, str, str, str]]
+        self, db: sqlite3.Connection, answers: list[tuple[str, str, str, str, str, str]] | None
     ) -> None:
         """Move running rollouts on after agent answers ``(node, kind, type_url, name, version, message)``
-        or a connect/disconnect: halt on a NACK of the version, complete when the first stage ACKed it,
-        pick a first-stage agent when no known agent is in the first stage."""
-        running = [r for r in _rollouts(db, "WHERE state = 'running'")]
+        (only the rollouts they touch) or a connect/disconnect (``None``: every running rollout): halt on
+        a NACK of the version, complete when the first stage ACKed it, pick a first-stage agent when no
+        known agent is in the first stage."""
+        running = _rollouts(db, "WHERE state = 'running'")
+        if answers is not None:
+            touched = {(a[2], a[3], a[4]) for a in answers}
+            running = [r for r in running if (r.type_url, r.name, r.version) in touched]
         if not running:
             return
+        answers = answers or []
         now = self._clock()
         changed = False
         for ro in running:
