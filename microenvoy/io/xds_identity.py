@@ -208,6 +208,10 @@ class XdsIdentity:
     async def start(self) -> None:
         """Load a stored identity (if usable) and start the enroll/renew task."""
         os.makedirs(self.config.dir, mode=0o700, exist_ok=True)
+        for name in self.xds_clusters:
+            cluster = self.server.clusters.get(name)
+            if cluster is not None and cluster.config.transport_socket is None:
+                log.warning("identity: xDS cluster %s has no transport_socket: its stream is not mTLS", name)
         try:
             self._use(await asyncio.to_thread(self._load))
             log.info("identity %s valid until %s", self.current and self.current.spiffe_id, self._until())
@@ -231,6 +235,8 @@ class XdsIdentity:
         """Make ``cluster`` present the current certificate (no-op if it already does)."""
         if self.current is None or self._attached.get(id(cluster)) == self._generation:
             return
+        if cluster.config.transport_socket is None:  # plain h2c: nothing to present the certificate on
+            return
         cluster.reload_tls(self.path)
         self._attached[id(cluster)] = self._generation
 
@@ -249,7 +255,7 @@ class XdsIdentity:
         self.expiration.set(int(ident.not_after))
         for name in self.xds_clusters:
             cluster = self.server.clusters.get(name)
-            if cluster is not None and cluster.config.transport_socket is not None:
+            if cluster is not None:
                 self.attach(cluster)
         self._ready.set()
 
