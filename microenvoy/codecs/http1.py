@@ -295,6 +295,11 @@ class Http1ServerCodec:
         return True
 
     @property
+    def response_started(self) -> bool:
+        """The current response's headers went out (too late to add ``Connection: close`` to them)."""
+        return self._response_started
+
+    @property
     def wants_close(self) -> bool:
         """The connection must close once pending bytes are written."""
         return not self.keep_alive or self._conn.our_state in (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # QUIC (aioquic, ~12 MiB resident) is imported only when a UD
     from microenvoy.io.quic_front import QuicListener
     from microenvoy.io.trace_export import SpanExporter
 
-__all__ = ["Server"]
+__all__ = ["ListenerBindError", "Server"]
 
 log = logging.getLogger("microenvoy.server")
 
@@ -72,6 +72,14 @@ def _coap_proxy(chain: FilterChain) -> Any:
         if f.name == "microenvoy.filters.network.coap_proxy":
             return f.config
     return None
+
+
+class ListenerBindError(ConfigError):
+    """Listeners of an applied update could not bind (the rest applied): ``failed`` name -> why."""
+
+    def __init__(self, failed: dict[str, str]) -> None:
+        super().__init__([f"listener {n}: {why}" for n, why in failed.items()])
+        self.failed = failed
 
 
 def load_static_doc(b: Bootstrap, xds: Any) -> dict[str, Any]:
@@ -423,6 +431,7 @@ class Server:
         keep their chain until they end."""
         self.clusters.update(b.static_resources.clusters)
         new = {lc.name: lc for lc in b.static_resources.listeners}
+        unbound: dict[str, str] = {}
         for name in list(self._lst):
             old_cfg = self._listener_configs[name]
             lc = new.get(name)
@@ -442,6 +451,9 @@ class Server:
                     await self._start_listener(lc, front)
                 except OSError as exc:
                     log.error("listener %s: cannot bind %s: %s", name, lc.address, exc)
+                    unbound[name] = (
+                        f"cannot bind {lc.address.address}:{lc.address.port_value}: {exc.strerror or exc}"
+                    )
                 continue
             previous = self._listener_configs.get(name)
             if previous is lc:  # unchanged (the control-plane client keeps unchanged objects)
@@ -463,6 +475,8 @@ class Server:
         self.bootstrap = b
         self.reloads.inc()
         log.info("config reloaded: %d listeners, %d clusters", len(new), len(b.static_resources.clusters))
+        if unbound and drain_changed:  # the control plane hears about it (a NACK naming the listeners)
+            raise ListenerBindError(unbound)
 
     # ----------------------------------------------------------------------------- AdminHost
     def ready(self) -> bool:

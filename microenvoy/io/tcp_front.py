@@ -76,6 +76,7 @@ class TcpHttpConnection(asyncio.Protocol):
         self._reading_paused = False
         self._idle_handle: asyncio.TimerHandle | None = None
         self._draining = False
+        self._drain_close_idle = True
         self._closed = False
         self._counted = False
         self._flush_scheduled = False
@@ -307,7 +308,7 @@ class TcpHttpConnection(asyncio.Protocol):
             if self._reading_paused and self.transport is not None:
                 self._reading_paused = False
                 self.transport.resume_reading()
-            if codec.wants_close or self._draining:
+            if codec.wants_close or (self._draining and self._drain_close_idle):
                 self._close_after_flush()
             else:
                 more = codec.response_complete()
@@ -391,13 +392,25 @@ class TcpHttpConnection(asyncio.Protocol):
             self.codec.goaway()
         self._close_after_flush()
 
-    def drain(self) -> None:
-        """Stop taking new requests; close once the open ones are answered."""
+    def drain(self, *, close_idle: bool = True) -> None:
+        """Stop taking new requests; close once the open ones are answered. ``close_idle=False`` (a listener
+        update): an idle HTTP/1.1 connection stays open, its next response carries ``Connection: close``
+        (the client may be sending a request right now; closing under it would reset that request), and the
+        listener closes what is left after its drain timeout."""
         if self._draining:
             return
         self._draining = True
+        self._drain_close_idle = close_idle
         self.front.stats.cx_drain_close.inc()
         self._start_drain()
+
+    def close_idle(self) -> None:
+        """End of a listener-update drain: close this connection now unless an exchange is in flight."""
+        if not self.streams:
+            if isinstance(self.codec, Http2ServerCodec):
+                self.codec.goaway()
+                self._flush()
+            self._close_after_flush()
 
     def _start_drain(self) -> None:
         codec = self.codec
@@ -405,7 +418,16 @@ class TcpHttpConnection(asyncio.Protocol):
             codec.goaway()
             self._flush()
         elif isinstance(codec, Http1ServerCodec):
+            if not self._drain_close_idle:
+                # Never close under a client that may be sending: a response still to start carries
+                # ``Connection: close``; otherwise the next request's headers turn keep-alive off
+                # (``_handle``) and its response does.
+                if self.streams and not codec.response_started:
+                    codec.keep_alive = False
+                return
             codec.keep_alive = False
+        elif not self._drain_close_idle:
+            return  # no bytes yet (protocol not known): the first request gets its answer, then the close
         if not self.streams:
             self._close_after_flush()
 
@@ -556,15 +578,15 @@ class TcpListener:
         mqtt = [c for c in old if not isinstance(c, TcpHttpConnection)]
         for c in old:
             if isinstance(c, TcpHttpConnection):
-                c.drain()
+                c.drain(close_idle=False)
 
         def end() -> None:
             for m in mqtt:
                 if m in self.connections:
                     m.drain()
             for h in old:
-                if h in self.connections and isinstance(h, TcpHttpConnection) and h.transport is not None:
-                    h.transport.close()
+                if h in self.connections and isinstance(h, TcpHttpConnection) and not h.streams:
+                    h.close_idle()  # one with a request in flight closes after its response (draining)
 
         loop.call_later(timeout, end)
 

@@ -33,6 +33,7 @@ from microenvoy.codecs.grpc import GrpcMessageDecoder, encode_message
 from microenvoy.config.model import Bootstrap
 from microenvoy.core.errors import ConfigError
 from microenvoy.core.headers import Headers
+from microenvoy.io.server import ListenerBindError
 from microenvoy.xds import cose
 from microenvoy.xds.client import DeltaClient, Update
 from microenvoy.xds.messages import (
@@ -383,6 +384,19 @@ class XdsSession:
                 try:
                     await self.server.apply_config(verdict.bootstrap)
                     applied_ok = True
+                except ListenerBindError as exc:  # the rest is live; take the unbound listeners out again
+                    applied_ok = True
+                    for name, why in exc.failed.items():
+                        if t == LISTENER and name in incoming:
+                            rejected[name] = why
+                            if name in previous:
+                                candidate[name] = previous[name]
+                            else:
+                                candidate.pop(name, None)
+                    verdict = self._validate(changed)
+                    if verdict.bootstrap is not None:
+                        with contextlib.suppress(ListenerBindError):
+                            await self.server.apply_config(verdict.bootstrap)
                 except ConfigError as exc:
                     for name in incoming:
                         rejected.setdefault(name, "; ".join(exc.errors))

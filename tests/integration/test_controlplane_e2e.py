@@ -153,11 +153,6 @@ def test_invalid_file_is_refused_and_an_agent_nack_shows_in_status(
     wait_for(lambda: get(port, "/still") == 404, 10, message="later change applied")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Server._apply (microenvoy/io/server.py) logs 'cannot bind' for a new control-plane listener "
-    "and carries on, so XdsSession ACKs a listener that is not listening (Envoy NACKs LDS on bind failure)",
-)
 def test_a_listener_that_cannot_bind_is_nacked(
     agent: Callable[..., Agent], cp: ControlPlaneProcess, h2_server: H2Server
 ) -> None:
@@ -262,13 +257,6 @@ def test_a_foreign_signing_key_is_refused(
     assert server_info(a)["resources"]["Cluster"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: TcpHttpConnection._start_drain (microenvoy/io/tcp_front.py) closes an HTTP/1.1 connection "
-    "with no request in flight at once when its listener changes, so a request the client is sending (or "
-    "has sent but the agent has not read yet) is reset; it should stay open (keep_alive=False makes the next "
-    "response carry Connection: close) until the drain timeout, and close with a lingering half-close",
-)
 def test_a_connection_opened_before_a_listener_change_still_gets_its_answer(
     agent: Callable[..., Agent], cp: ControlPlaneProcess, h2_server: H2Server
 ) -> None:
@@ -284,12 +272,6 @@ def test_a_connection_opened_before_a_listener_change_still_gets_its_answer(
     assert (r.header("connection") or "").lower() == "close"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: TcpHttpConnection._start_drain (microenvoy/io/tcp_front.py) closes idle HTTP/1.1 "
-    "connections (keep-alive between requests, or accepted with the request not read yet) at once when "
-    "the listener changes: a few requests per change are reset (deterministic case: the test above)",
-)
 def test_listener_changes_under_continuous_load_lose_no_request(
     agent: Callable[..., Agent], cp: ControlPlaneProcess, h2_server: H2Server
 ) -> None:

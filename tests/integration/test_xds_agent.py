@@ -163,3 +163,35 @@ def test_cache_with_a_foreign_signature_is_not_used(
     assert server_info(b)["config_source"]["source"] == "static"
     assert "edge" not in b.listeners()
     assert "skipped" in b.log_text()
+
+
+def test_connection_open_across_a_listener_change_gets_its_answer(
+    agent: Any, cp: ScriptedControlPlane, key: Ed25519PrivateKey, h2_server: H2Server, tmp_path: Path
+) -> None:
+    """The connections of a changed listener drain: one opened before the change, whose request is sent
+    after it, still gets its answer (with ``Connection: close``)."""
+    import socket
+
+    cp.put(CLUSTER, "api", api_cluster(h2_server.port))
+    cp.put(LISTENER, "edge", edge_listener())
+    a: Agent = agent(bootstrap(cp.port, key, tmp_path / "cache"), name="xds5")
+    port = a.port("edge")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as early:
+        a.wait_stat("http.edge.downstream_cx_active", 1)
+        cp.put(LISTENER, "edge", edge_listener("/v2/"))
+        cp.wait_request(
+            lambda r: (
+                r.type_url == LISTENER
+                and r.response_nonce != ""
+                and r.error_detail is None
+                and len([q for q in cp.requests if q.type_url == LISTENER and q.response_nonce]) >= 2
+            )
+        )
+        early.sendall(b"GET /v2/late HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = early.recv(65536)
+            assert chunk, f"closed before the response: {data!r}"
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" in data.lower()
