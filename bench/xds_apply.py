@@ -247,7 +247,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         wait_for(lambda: acked(data, hot_version(up, 1)), 600, "warm-up change applied")
         cycle = time.monotonic() - c0
         load = run_h2load(
-            f"http://127.0.0.1:{port}/", args.connections, 2 + args.changes * (cycle * 1.5 + 0.3)
+            f"http://127.0.0.1:{port}/", args.connections, 2 + args.changes * (cycle * 1.2 + 0.3)
         )
         time.sleep(1.0)  # the load is running before the first change
         samples: list[dict[str, float]] = []
