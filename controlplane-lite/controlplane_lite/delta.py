@@ -242,6 +242,8 @@ class _TypeState:
     removing: set[str] = field(default_factory=set)
     heartbeat_at: dict[str, float] = field(default_factory=dict)
     ttls: dict[str, float | None] = field(default_factory=dict)
+    greet: bool = False
+    """A first wildcard subscription not answered yet (an empty response if there is nothing)."""
 
     def interested(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -266,6 +268,8 @@ class DeltaStream:
         self._types: dict[str, _TypeState] = {}
         self._pending: dict[str, _Pending] = {}
         self._snapshot: Snapshot = {}
+        self._has_snapshot = False
+        """A snapshot was set: an empty type really has nothing (before, it is just not known yet)."""
 
     def __repr__(self) -> str:
         node = self.node.id if self.node else "?"
@@ -275,6 +279,7 @@ class DeltaStream:
     def set_snapshot(self, snapshot: Snapshot, version_info: str | None = None) -> None:
         """The resources this agent should have now (call ``poll`` afterwards)."""
         self._snapshot = snapshot
+        self._has_snapshot = True
         if version_info is not None:
             self.version_info = version_info
 
@@ -302,6 +307,8 @@ class DeltaStream:
             if name == WILDCARD:
                 if st.wildcard and not first:  # a repeated "*" asks for everything again
                     st.answer.update(self._snapshot.get(t, {}))
+                if first:
+                    st.greet = True  # answered even when there is nothing: the agent's initial fetch ends
                 st.wildcard = True
             else:
                 st.names.add(name)
@@ -470,7 +477,8 @@ class DeltaStream:
                 events.append(Sent(t, name, ""))
             p.removed = tuple(missing)
             p.heartbeats = frozenset(heartbeats)
-            if entries or missing:
+            if entries or missing or (st.greet and self._has_snapshot and not self._snapshot.get(t)):
+                st.greet = False  # a type with nothing for this agent is answered (empty) once
                 responses.append(self._respond(p, tuple(entries)))
         in_use = self._clusters_in_use()
         for t in reversed(order):

@@ -145,6 +145,9 @@ async def test_agent_stream_ack_push_and_nack(
 
         # a listener arrives after the cluster it routes to; a bad edit is refused and nothing is pushed
         await agent.send(DeltaRequest(LISTENER, resource_names_subscribe=("*",)))
+        greeting = await agent.recv()  # nothing of that type yet: answered at once, empty (rule 4)
+        assert (greeting.type_url, greeting.resources, greeting.removed_resources) == (LISTENER, (), ())
+        await agent.send(DeltaRequest(LISTENER, response_nonce=greeting.nonce))
         write(resources / "bad.yaml", doc("cluster", cluster("broken", lb_policy="NOPE")))
         await until(lambda: bool(cp.directory_errors))
         assert cp.directory_errors[0].startswith("bad.yaml[0] Cluster 'broken': lb_policy")

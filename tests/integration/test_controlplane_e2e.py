@@ -172,13 +172,6 @@ def test_a_listener_that_cannot_bind_is_nacked(
     assert get(port, "/x") == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DeltaStream.poll (controlplane_lite/delta.py) responds only 'if entries or "
-    "missing', so the first wildcard request of a type with no resources (here: Listener) gets no response "
-    "and the agent waits initial_fetch_timeout at every start; go-control-plane answers a first wildcard "
-    "request with an empty response",
-)
 def test_an_agent_of_a_control_plane_without_listeners_starts_at_once(
     agent: Callable[..., Agent], cp: ControlPlaneProcess, h2_server: H2Server
 ) -> None:
