@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from microenvoy.config.loader import StrictYamlLoader
 from microenvoy.config.reader import Reader, parse_duration
 from microenvoy.core.errors import ConfigError
 
@@ -94,22 +95,8 @@ class Change:
 
 
 # ============================================================================================ parsing
-class _StrictLoader(yaml.SafeLoader):
-    """``SafeLoader`` that rejects duplicate keys (PyYAML keeps the last one silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping",
-                        node.start_mark,
-                        f"found duplicate key {key_node.value!r}",
-                        key_node.start_mark,
-                    )
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
+_StrictLoader = StrictYamlLoader
+"""Duplicate keys are errors (the agent's own loader)."""
 
 
 def _json_like(value: object, path: str, errors: list[str]) -> None:

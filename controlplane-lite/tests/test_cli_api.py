@@ -84,6 +84,10 @@ async def test_rest_api_of_a_running_serve(
         )()
         await call.write(DeltaRequest(CLUSTER, node=Node("dev-1", metadata={"site": "lab"}),
                                       resource_names_subscribe=("*",)))  # fmt: skip
+        greeting = await asyncio.wait_for(call.read(), 5.0)  # no clusters yet: an empty answer at once
+        assert isinstance(greeting, DeltaResponse)
+        assert greeting.resources == ()
+        await call.write(DeltaRequest(CLUSTER, response_nonce=greeting.nonce))
         body = {
             "selector": {"site": "lab"},
             "resource": {k: v for k, v in cluster("api").items() if k != "@type"},

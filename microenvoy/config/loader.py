@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TYPE_PREFIX",
+    "StrictYamlLoader",
     "cross_check",
     "load_bootstrap",
     "not_supported",
@@ -213,7 +214,7 @@ def parse_resource(kind: str, doc: object, *, base_dir: str | None = None) -> An
 
 
 # ============================================================================================ file parsing
-class _StrictYamlLoader(yaml.SafeLoader):
+class StrictYamlLoader(yaml.SafeLoader):
     """``SafeLoader`` that rejects duplicate keys in a mapping (PyYAML silently keeps the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
@@ -234,7 +235,7 @@ class _StrictYamlLoader(yaml.SafeLoader):
 
 def _parse_yaml(text: str, path: str) -> object:
     try:
-        return yaml.load(text, Loader=_StrictYamlLoader)  # a SafeLoader subclass: safe
+        return yaml.load(text, Loader=StrictYamlLoader)  # a SafeLoader subclass: safe
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from microenvoy.config.xds import DynamicResources
     from microenvoy.io.server import Server
 
-__all__ = ["XDS_PATH", "XdsSession"]
+__all__ = ["XDS_PATH", "XdsSession", "grpc_target"]
 
 log = logging.getLogger("microenvoy.xds")
 
@@ -67,6 +67,28 @@ class Applied:
     version: str
     resource: dict[str, Any]
     signature: bytes
+
+
+def grpc_target(clusters: Any, cluster_name: str, path: bytes, authority: str) -> tuple[Any, Any, Headers]:
+    """The cluster, a host and the request headers of a gRPC call (CBOR messages) to the control plane on
+    ``cluster_name``; ``ConnectionError`` if the cluster is unknown or has no healthy host."""
+    cluster = clusters.get(cluster_name)
+    if cluster is None:
+        raise ConnectionError(f"cluster {cluster_name!r} is not configured")
+    host = cluster.choose_host()
+    if host is None:
+        raise ConnectionError(f"cluster {cluster_name!r} has no healthy host")
+    headers = Headers(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"https" if cluster.config.transport_socket is not None else b"http"),
+            (b":authority", (authority or cluster_name).encode()),
+            (b":path", path),
+            (b"content-type", b"application/grpc+cbor"),
+            (b"te", b"trailers"),
+        ]
+    )
+    return cluster, host, headers
 
 
 class _ResourcesView(Mapping[str, Mapping[str, Mapping[str, Any]]]):
@@ -270,21 +292,8 @@ class XdsSession:
 
     async def _stream(self, cluster_name: str) -> None:
         """One stream on ``cluster_name`` until it fails (it never ends normally)."""
-        cluster = self.server.clusters.get(cluster_name)
-        if cluster is None:
-            raise ConnectionError(f"cluster {cluster_name!r} is not configured")
-        host = cluster.choose_host()
-        if host is None:
-            raise ConnectionError(f"cluster {cluster_name!r} has no healthy host")
-        headers = Headers(
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"https" if cluster.config.transport_socket is not None else b"http"),
-                (b":authority", (self.config.authority or cluster_name).encode()),
-                (b":path", XDS_PATH),
-                (b"content-type", b"application/grpc+cbor"),
-                (b"te", b"trailers"),
-            ]
+        cluster, host, headers = grpc_target(
+            self.server.clusters, cluster_name, XDS_PATH, self.config.authority
         )
         if self.identity is not None:  # the stream runs over mTLS with the node's certificate
             await self.identity.ready()

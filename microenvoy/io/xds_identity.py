@@ -349,22 +349,14 @@ class XdsIdentity:
 
     async def call(self, cluster_name: str, request: bytes) -> bytes:
         """One unary ``Enroll`` call over ``cluster_name``; the response message (``IdentityError``)."""
-        cluster = self.server.clusters.get(cluster_name)
-        if cluster is None:
-            raise IdentityError(f"cluster {cluster_name!r} is not configured")
-        host = cluster.choose_host()
-        if host is None:
-            raise IdentityError(f"cluster {cluster_name!r} has no healthy host")
-        headers = Headers(
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"https" if cluster.config.transport_socket is not None else b"http"),
-                (b":authority", (self.authority or cluster_name).encode()),
-                (b":path", ENROLL_PATH),
-                (b"content-type", b"application/grpc+cbor"),
-                (b"te", b"trailers"),
-            ]
-        )
+        from microenvoy.io.xds import grpc_target
+
+        try:
+            cluster, host, headers = grpc_target(
+                self.server.clusters, cluster_name, ENROLL_PATH, self.authority
+            )
+        except ConnectionError as exc:
+            raise IdentityError(str(exc)) from exc
         async with asyncio.timeout(_CALL_TIMEOUT):
             stream = await cluster.open_stream(host, headers, end_stream=False)
             try:
