@@ -24,6 +24,7 @@ import random as _random
 import signal
 import ssl
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from microenvoy import __version__
@@ -413,7 +414,9 @@ class Server:
         asyncio.get_running_loop().create_task(self._apply(b, fronts))
         return True
 
-    async def apply_config(self, b: Bootstrap) -> None:
+    async def apply_config(
+        self, b: Bootstrap, *, cluster_delta: tuple[Sequence[Any], Sequence[str]] | None = None
+    ) -> None:
         """Apply a validated configuration (the control plane's): every front is built first, then swapped
         in as a reload does; raises ``ConfigError`` (nothing changed) if building fails."""
         if self.state == "INITIALIZING":  # before listeners start: they will be built from this one
@@ -421,15 +424,20 @@ class Server:
             self.bootstrap = b
             return
         fronts = self._build_fronts(b)
-        await self._apply(b, fronts, drain_changed=True)
+        await self._apply(b, fronts, drain_changed=True, cluster_delta=cluster_delta)
 
     async def _apply(
-        self, b: Bootstrap, fronts: dict[str, list[FilterChainRuntime]], *, drain_changed: bool = False
+        self,
+        b: Bootstrap,
+        fronts: dict[str, list[FilterChainRuntime]],
+        *,
+        drain_changed: bool = False,
+        cluster_delta: tuple[Sequence[Any], Sequence[str]] | None = None,
     ) -> None:
         """Swap in built fronts. ``drain_changed`` (control-plane updates): the open connections of a
         listener whose config changed drain (``TcpListener.drain_connections``); a SIGHUP reload lets them
         keep their chain until they end."""
-        self.clusters.update(b.static_resources.clusters)
+        self.clusters.update(b.static_resources.clusters, delta=cluster_delta)
         new = {lc.name: lc for lc in b.static_resources.listeners}
         unbound: dict[str, str] = {}
         for name in list(self._lst):

@@ -1831,15 +1831,29 @@ class ClusterManager:
     def clusters(self) -> dict[str, UpstreamCluster]:
         return dict(self._clusters)
 
-    def update(self, clusters: Sequence[Cluster]) -> None:
-        """Apply a new cluster list: equal configs keep their runtime; others are replaced or drained."""
-        new: dict[str, UpstreamCluster] = {}
+    def update(
+        self, clusters: Sequence[Cluster], *, delta: tuple[Sequence[Cluster], Sequence[str]] | None = None
+    ) -> None:
+        """Apply a new cluster list: equal configs keep their runtime; others are replaced or drained.
+
+        ``delta`` = (changed configs, removed names): the caller knows that only these differ from the
+        running set (a control-plane delta in a large config), so only they are looked at."""
         serving = self._clusters
         warming_all = self._warming
-        if warming_all:
-            names = {c.name for c in clusters}
-            for name in [n for n in warming_all if n not in names]:
-                warming_all.pop(name).close()
+        if delta is not None:
+            changed, removed = delta
+            new = dict(serving)
+            for name in removed:
+                new.pop(name, None)
+                if name in warming_all:
+                    warming_all.pop(name).close()
+            clusters = changed
+        else:
+            new = {}
+            if warming_all:
+                names = {c.name for c in clusters}
+                for name in [n for n in warming_all if n not in names]:
+                    warming_all.pop(name).close()
         for c in clusters:
             current = serving.get(c.name)
             if current is not None and current.config is c and c.name not in warming_all:
@@ -1873,7 +1887,16 @@ class ClusterManager:
                 warm.add_done_callback(self._warm_tasks.discard)
             else:
                 new[c.name] = fresh
-        for name, old in self._clusters.items():
+        looked_at = (
+            self._clusters.items()
+            if delta is None
+            else [
+                (n, self._clusters[n])
+                for n in {*(c.name for c in delta[0]), *delta[1]}
+                if n in self._clusters
+            ]
+        )
+        for name, old in looked_at:
             if new.get(name) is not old:
                 if name not in new or new[name].config.type != "STRICT_DNS":
                     task = self._dns_tasks.pop(name, None)  # (a replacing STRICT_DNS one cancelled it)

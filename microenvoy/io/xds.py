@@ -44,7 +44,19 @@ from microenvoy.xds.messages import (
     decode_response,
     encode_request,
 )
-from microenvoy.xds.resources import CLUSTER, LISTENER, TYPES, Key, Validator, Verdict, describe, references
+from microenvoy.xds.resources import (
+    CLUSTER,
+    ENDPOINTS,
+    LISTENER,
+    ROUTES,
+    SECRET,
+    TYPES,
+    Key,
+    Validator,
+    Verdict,
+    describe,
+    references,
+)
 
 if TYPE_CHECKING:
     from microenvoy.config.xds import DynamicResources
@@ -180,6 +192,10 @@ class XdsSession:
         self.version_text: dict[str, str] = {}
         self._first = asyncio.get_running_loop().create_future()
         self._seen: set[str] = set()
+        self._in_sync = True
+        self._refs: dict[Key, tuple[str, set[Key]]] = {}
+        """Per Cluster/Listener (at its version): what it references (EDS, RDS, SDS names)."""
+        """The server runs what the validator last accepted (so its cluster deltas apply)."""
         self._task: asyncio.Task[None] | None = None
         self._ttl_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -391,8 +407,9 @@ class XdsSession:
             applied_ok = False
             if verdict.bootstrap is not None and not verdict.rejected:
                 try:
-                    await self.server.apply_config(verdict.bootstrap)
-                    applied_ok = True
+                    delta = verdict.cluster_delta if self._in_sync else None
+                    await self.server.apply_config(verdict.bootstrap, cluster_delta=delta)
+                    applied_ok = self._in_sync = True
                 except ListenerBindError as exc:  # the rest is live; take the unbound listeners out again
                     applied_ok = True
                     for name, why in exc.failed.items():
@@ -410,6 +427,7 @@ class XdsSession:
                     for name in incoming:
                         rejected.setdefault(name, "; ".join(exc.errors))
             if not applied_ok:
+                self._in_sync = False  # the server may differ from the validator: compare all next time
                 self.applied[t] = previous
                 self._validate(changed)  # the validator's view follows the restored set
                 for name in incoming:
@@ -443,7 +461,21 @@ class XdsSession:
     def _follow_references(self) -> list[DeltaRequest]:
         """Subscribe to what the applied and held resources reference (EDS assignments, RDS route
         configurations, SDS secrets) and unsubscribe from what nothing references any more."""
-        wanted = references(self._resources())
+        refs = self._refs
+        for t, items in self.applied.items():  # only resources whose version changed are walked again
+            if t not in (CLUSTER, LISTENER):
+                continue
+            for name, a in items.items():
+                known = refs.get((t, name))
+                if known is None or known[0] != a.version:
+                    found = references({t: {name: a.resource}})
+                    refs[(t, name)] = (a.version, {(rt, n) for rt, names in found.items() for n in names})
+        for key in [k for k in refs if k[1] not in self.applied.get(k[0], {})]:
+            del refs[key]
+        wanted: dict[str, set[str]] = {ENDPOINTS: set(), ROUTES: set(), SECRET: set()}
+        for _, keys in refs.values():
+            for rt, n in keys:
+                wanted[rt].add(n)
         out: list[DeltaRequest] = []
         for type_url, names in wanted.items():
             current = set(self.client.subscriptions(type_url))

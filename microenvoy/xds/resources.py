@@ -80,6 +80,9 @@ class Verdict:
     """The validated configuration (None only if the static part itself is broken)."""
     rejected: dict[Key, str] = field(default_factory=dict)
     held: dict[Key, str] = field(default_factory=dict)
+    cluster_delta: tuple[list[Any], list[str]] | None = None
+    """(clusters parsed anew, cluster names gone) when only those differ from the previous verdict's
+    bootstrap (``Validator.validate`` with ``changed``); None: compare everything."""
 
 
 def _strip(resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,6 +230,8 @@ class Validator:
         self._cache: dict[Key, tuple[Any, Any]] = {}
         self._deps: dict[tuple[Key, str], tuple[Key, ...]] = {}
         self._primed = False
+        self._clean = False
+        """The last verdict passed the cross checks, nothing excluded (a cluster-only delta may skip them)."""
         self._good: dict[str, dict[Key, Any]] = {CLUSTER: {}, LISTENER: {}}
         """Clusters/Listeners that parsed, in arrival order (what the next bootstrap is made of)."""
         self._held: dict[Key, str] = {}
@@ -285,6 +290,18 @@ class Validator:
         for referrers in self._rdeps.values():
             referrers.intersection_update(keep)
 
+    def _assemble(self, clusters: tuple[Any, ...], listeners: tuple[Any, ...]) -> Bootstrap:
+        base = self.base.static_resources
+        return Bootstrap(
+            node=self.base.node,
+            admin=self.base.admin,
+            static_resources=StaticResources(
+                listeners=base.listeners + listeners, clusters=base.clusters + clusters
+            ),
+            dynamic_resources=self.base.dynamic_resources,
+            raw={},
+        )
+
     def _place(self, key: Key, outcome: Any) -> None:
         for group in (self._good[CLUSTER], self._good[LISTENER], self._held, self._bad):
             group.pop(key, None)
@@ -312,6 +329,8 @@ class Validator:
             redo = {k for k in changed if k[0] in (CLUSTER, LISTENER)}
             for k in changed:
                 redo |= self._rdeps.get(k, set())
+        delta = changed is not None and self._clean
+        before = {k: self._good[k[0]].get(k) for k in redo} if delta else {}
         for key in redo:
             if key[1] not in resources.get(key[0], {}):
                 self._place(key, _Held(""))
@@ -330,8 +349,20 @@ class Validator:
             verdict.rejected[bad.blame] = bad.why
             if bad.blame != key:
                 verdict.held[key] = f"waits for a valid {describe(bad.blame)}"
-        excluded: set[Key] = set()
         base = self.base.static_resources
+        if delta and all(k[0] == CLUSTER for k in redo):
+            # Only clusters changed content (none appeared or went, none is an MQTT broker): the cross
+            # checks, which look at cluster names and listeners only, cannot change; skip them.
+            now = {k: self._good[CLUSTER].get(k) for k in redo}
+            same_names = all((before[k] is None) == (now[k] is None) for k in redo)
+            if same_names and not any(getattr(c, "mqtt_broker", None) for c in now.values() if c is not None):
+                verdict.bootstrap = self._assemble(
+                    tuple(self._good[CLUSTER].values()), tuple(self._good[LISTENER].values())
+                )
+                verdict.cluster_delta = ([c for c in now.values() if c is not None], [])
+                return verdict
+        self._clean = False
+        excluded: set[Key] = set()
         for _ in range(len(self._good[LISTENER]) + len(self._good[CLUSTER]) + 1):
             good_c = self._good[CLUSTER]
             good_l = self._good[LISTENER]
@@ -352,6 +383,7 @@ class Validator:
             errors = cross_check(b)
             if not errors:
                 verdict.bootstrap = b
+                self._clean = not excluded
                 return verdict
             parsed = {
                 t: [(k, v) for k, v in self._good[t].items() if k not in excluded]
