@@ -86,15 +86,6 @@ def _percent(r: Reader, key: str, default: int) -> int:
     return value
 
 
-def _positive_duration(r: Reader, key: str) -> float | None:
-    """A duration that must be > 0 (Envoy's ``duration = {gt {}}``); None when absent or invalid."""
-    value: float | None = r.duration(key, None)
-    if value is not None and value <= 0:
-        r.error("must be greater than 0", key)
-        return None
-    return value
-
-
 def _bool_value(r: Reader, key: str, default: bool) -> bool:
     """A ``BoolValue`` wrapper: ``true`` or ``{value: true}``."""
     raw = r.raw.get(key)
@@ -114,9 +105,9 @@ def parse_outlier_detection(r: Reader) -> OutlierDetection:
     Calls ``r.finish()`` itself (unknown fields are errors); wiring it through ``Reader.object`` is fine too,
     the unknown fields are not reported twice.
     """
-    interval = _positive_duration(r, "interval") or 10.0
-    base = _positive_duration(r, "base_ejection_time") or 30.0
-    max_time = _positive_duration(r, "max_ejection_time")
+    interval = r.positive_duration("interval") or 10.0
+    base = r.positive_duration("base_ejection_time") or 30.0
+    max_time = r.positive_duration("max_ejection_time")
     if max_time is None:
         max_time = max(DEFAULT_MAX_EJECTION_TIME, base)
     elif max_time < base:

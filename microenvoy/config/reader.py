@@ -199,6 +199,14 @@ class Reader:
             self.error(str(exc), key)
             return default
 
+    def positive_duration(self, key: str, default: Any = None) -> Any:
+        """``duration`` that must be > 0 (Envoy's ``duration = {gt {}}``); ``default`` otherwise."""
+        value = self.duration(key, default)
+        if value is not None and value is not default and value <= 0:
+            self.error("must be greater than 0", key)
+            return default
+        return value
+
     def enum(self, key: str, allowed: Sequence[str], default: Any = None, *,
              required: bool = False) -> Any:  # fmt: skip
         v = self._take(key, required)

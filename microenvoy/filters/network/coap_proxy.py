@@ -164,17 +164,9 @@ def parse_config(r: Reader) -> CoapProxy:
         max_concurrent_requests=r.integer("max_concurrent_requests", d.max_concurrent_requests, min=1),
         max_block_transfers=r.integer("max_block_transfers", d.max_block_transfers, min=1),
         max_block_bytes=r.integer("max_block_bytes", d.max_block_bytes, min=1024),
-        block_lifetime=_positive_duration(r, "block_lifetime", d.block_lifetime),
+        block_lifetime=r.positive_duration("block_lifetime", d.block_lifetime),
         max_observed_resources=r.integer("max_observed_resources", d.max_observed_resources, min=1),
     )
-
-
-def _positive_duration(r: Reader, key: str, default: float) -> float:
-    value: float = r.duration(key, default)
-    if value <= 0:
-        r.error("must be greater than 0", key)
-        return default
-    return value
 
 
 def _parse_route(r: Reader) -> CoapRoute:
@@ -228,7 +220,7 @@ def _parse_observe(r: Reader) -> Observe:
     d = Observe()
     o = Observe(
         mode=r.enum("mode", ("poll", "stream"), d.mode),
-        interval=_positive_duration(r, "interval", d.interval),
+        interval=r.positive_duration("interval", d.interval),
         max_observers=r.integer("max_observers", d.max_observers, min=1),
         confirmable_every=r.integer("confirmable_every", d.confirmable_every, min=0),
     )

@@ -184,19 +184,11 @@ def parse_config(r: Reader) -> MqttProxy:
         max_subscriptions_per_client=r.integer(
             "max_subscriptions_per_client", d.max_subscriptions_per_client, min=1, max=65535
         ),
-        connect_timeout=_positive_duration(r, "connect_timeout", d.connect_timeout),
+        connect_timeout=r.positive_duration("connect_timeout", d.connect_timeout),
         retain_available=r.boolean("retain_available", d.retain_available),
         maximum_qos=r.integer("maximum_qos", d.maximum_qos, min=0, max=2),
     )
     return cfg
-
-
-def _positive_duration(r: Reader, key: str, default: float) -> float:
-    value: float = r.duration(key, default)
-    if value <= 0:
-        r.error("must be greater than 0", key)
-        return default
-    return value
 
 
 def _parse_route(r: Reader) -> MqttRoute:
@@ -270,7 +262,7 @@ def _parse_grpc(r: Reader) -> GrpcBridge:
 def _parse_batch(r: Reader) -> Batching:
     b = Batching(
         max_messages=r.integer("max_messages", required=True, min=1, max=10000),
-        max_delay=_positive_duration(r, "max_delay", 0.01),
+        max_delay=r.positive_duration("max_delay", 0.01),
     )
     r.finish()
     return b
