@@ -83,11 +83,6 @@ class ListenerBindError(ConfigError):
         self.failed = failed
 
 
-def load_static_doc(b: Bootstrap, xds: Any) -> dict[str, Any]:
-    """The written document behind ``b`` (a recomposed bootstrap keeps it on the session)."""
-    return xds.static_doc if xds is not None else b.raw
-
-
 def _kind(lc: Listener) -> str:
     """``tcp``, ``quic`` or ``coap``: a listener whose kind changes on reload is replaced, not updated."""
     if any(_coap_proxy(c) is not None for c in lc.filter_chains):
@@ -410,7 +405,7 @@ class Server:
             self.reloads_rejected.inc()
             log.error("reload rejected: %s", exc)
             return False
-        self.static_doc = load_static_doc(b, self.xds)
+        self.static_doc = self.xds.static_doc if self.xds is not None else b.raw  # b may be recomposed
         asyncio.get_running_loop().create_task(self._apply(b, fronts))
         return True
 

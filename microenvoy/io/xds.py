@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -160,7 +161,10 @@ class XdsSession:
         self.server = server
         self.config = config
         self.static_doc: dict[str, Any] = server.static_doc
-        self.base_dir: str | None = None
+        self.base_dir: str | None = (
+            os.path.dirname(os.path.abspath(server.config_path)) if server.config_path else None
+        )
+        """Relative file names resolve against the config file's directory, as when the server loaded it."""
         self.validator = Validator(self.static_doc, base_dir=self.base_dir)
         b = server.bootstrap
         node = Node(
