@@ -302,9 +302,12 @@ class Validator:
             raw={},
         )
 
-    def _place(self, key: Key, outcome: Any) -> None:
+    def _forget_outcome(self, key: Key) -> None:
         for group in (self._good[CLUSTER], self._good[LISTENER], self._held, self._bad):
             group.pop(key, None)
+
+    def _place(self, key: Key, outcome: Any) -> None:
+        self._forget_outcome(key)
         if isinstance(outcome, _Held):
             self._held[key] = outcome.why
         elif isinstance(outcome, _Bad):
@@ -332,9 +335,8 @@ class Validator:
         delta = changed is not None and self._clean
         before = {k: self._good[k[0]].get(k) for k in redo} if delta else {}
         for key in redo:
-            if key[1] not in resources.get(key[0], {}):
-                self._place(key, _Held(""))
-                self._held.pop(key, None)
+            if key[1] not in resources.get(key[0], {}):  # removed
+                self._forget_outcome(key)
                 continue
             if changed is not None:
                 self._cache.pop(key, None)
